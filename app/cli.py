@@ -1,0 +1,135 @@
+"""The `kvlens` command line: one subcommand per job, one-line errors, progress on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from probes.errors import KvlensError
+
+
+def _layers_arg(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--layers takes comma-separated integers, not '{text}'"
+        ) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, not '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, not {value}")
+    return value
+
+
+def _read_prompt(args) -> str:
+    if args.prompt is not None and args.prompt_file is not None:
+        raise KvlensError("give either --prompt or --prompt-file, not both")
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise KvlensError(f"--prompt-file {path}: no such file")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise KvlensError(f"--prompt-file {path}: not UTF-8 text") from None
+    if args.prompt is None:
+        raise KvlensError("give a prompt with --prompt TEXT or --prompt-file FILE")
+    return args.prompt
+
+
+def cmd_models(_args) -> int:
+    from probes.models import list_models
+
+    for row in list_models():
+        state = "installed" if row["installed"] else f"not installed ({row['install']})"
+        if row["converted"]:
+            state += ", converted"
+        print(f"{row['name']:<14} {state}\n{'':<14} {row['description']}")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from tqdm import tqdm
+
+    from probes import capture, load_model
+    from probes.capture import check_length, tokenize
+    from probes.models import model_facts
+
+    text = _read_prompt(args)
+    out = Path(args.out)
+    if not text.strip():
+        raise KvlensError("the prompt is empty; give some text")
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model, device=args.device, device_map=args.device_map)
+    facts = model_facts(model)
+    check_length(len(tokenize(tokenizer, text, chat=args.chat)), facts.max_positions)
+    with tqdm(total=facts.n_layers, desc="probe", unit="layer", file=sys.stderr) as bar:
+        trace = capture(
+            model,
+            tokenizer,
+            text,
+            attention=args.attention,
+            kv=not args.no_kv,
+            layers=args.layers,
+            window=args.window,
+            sinks=args.sinks,
+            chat=args.chat,
+            progress=lambda _layer: bar.update(1),
+        )
+    path = trace.save(out)
+    s = trace.settings
+    print(
+        f"{trace.n_tokens} tokens, {facts.n_layers} layers, attention={s['attention']}, "
+        f"kv={'yes' if s['kv'] else 'no'}, forward {trace.timings['forward_s']:.2f} s",
+        file=sys.stderr,
+    )
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvlens", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the embedded models and whether they are installed")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("probe", help="run one forward pass and write a dump folder")
+    p.add_argument("--prompt", help="the prompt text")
+    p.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    p.add_argument("--out", required=True, help="dump folder to write (replaced if a dump)")
+    p.add_argument("--model", default="smollm2-135m", help="embedded model name, folder or .gguf")
+    p.add_argument("--attention", default="auto", choices=["auto", "full", "stats", "none"])
+    p.add_argument("--no-kv", action="store_true", help="do not record keys and values")
+    p.add_argument("--layers", type=_layers_arg, help="comma-separated layers, e.g. 0,5,10")
+    p.add_argument("--window", type=_positive_int, default=32, help="SnapKV window (queries)")
+    p.add_argument("--sinks", type=int, default=4, help="first positions counted as sinks")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--device-map", default=None, help="'auto' spreads the model over GPUs")
+    p.set_defaults(func=cmd_probe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KvlensError as exc:
+        print(f"kvlens: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvlens: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

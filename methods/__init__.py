@@ -1,0 +1,1 @@
+"""KV-cache compression methods, their registry, the compressed cache and evaluation."""

@@ -1,0 +1,1 @@
+"""Streamlit pages, one per view; UI only."""

@@ -1,0 +1,195 @@
+"""kvlens' attention function, registered with transformers' attention registry.
+
+Every model kvlens loads runs ``attn_implementation="kvlens"``. The function computes the
+attention output (SDPA when nothing is being recorded) and, while a probe is active in the
+calling context, records post-RoPE keys, values and attention statistics for the layers the
+probe asked for. Pre-RoPE keys come from forward hooks on each layer's key projection
+(``k_proj``, followed by the model's own ``k_norm`` where it has one), installed once per model and
+inert unless a probe is active. Recording state lives in a ``ContextVar``, so two threads
+(two app users) probing one cached model never see each other's recordings.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.attention_stats import AttentionStats, attention_with_stats
+
+ATTN_NAME = "kvlens"
+
+
+@dataclass
+class Recorder:
+    """What one probe call asked for, and what it has recorded so far (per layer)."""
+
+    layers: frozenset[int] | None = None
+    kv: bool = True
+    stats: bool = True
+    maps: bool = False
+    window: int = 32
+    sinks: int = 4
+    on_layer: Callable[[int], None] | None = None
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    keys_pre_rope: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    stats_by_layer: dict[int, AttentionStats] = field(default_factory=dict)
+
+    def wants(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+
+_RECORDER: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar(
+    "kvlens_recorder", default=None
+)
+
+
+def active_recorder() -> Recorder | None:
+    return _RECORDER.get()
+
+
+class recording:
+    """Context manager: make ``recorder`` the active one for this thread/context."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> Recorder:
+        self._token = _RECORDER.set(self.recorder)
+        return self.recorder
+
+    def __exit__(self, *exc) -> None:
+        _RECORDER.reset(self._token)
+
+
+def _to_cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def _sdpa(query, key, value, attention_mask, scaling, dropout):
+    tq, tk = query.shape[2], key.shape[2]
+    is_causal = False
+    if attention_mask is None and tq > 1:
+        if tq == tk:
+            is_causal = True
+        else:  # queries are the last tq positions: bottom-right aligned causal mask
+            qpos = torch.arange(tk - tq, tk, device=query.device)[:, None]
+            attention_mask = torch.arange(tk, device=query.device)[None, :] <= qpos
+    group = query.shape[1] // key.shape[1]
+    if group > 1:
+        key = key.repeat_interleave(group, dim=1)
+        value = value.repeat_interleave(group, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=is_causal,
+    )
+
+
+def kvlens_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The attention function transformers calls for every layer (shapes as it passes them).
+
+    query [B, Hq, Tq, D]; key/value [B, Hkv, Tk, D] (GQA not yet repeated). Returns the
+    output as [B, Tq, Hq, D], like transformers' own functions, and no weights.
+    """
+    layer = int(getattr(module, "layer_idx", -1))
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    rec = _RECORDER.get()
+    recording_here = rec is not None and rec.wants(layer)
+    if recording_here and rec.kv:
+        _append(rec.keys, layer, key[0], replace=True)
+        _append(rec.values, layer, value[0], replace=True)
+    if recording_here and (rec.stats or rec.maps):
+        if query.shape[0] != 1:
+            raise ValueError("kvlens probes record one sequence at a time (batch size 1)")
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[0, 0] if attention_mask.dim() == 4 else attention_mask
+        out, stats = attention_with_stats(
+            query[0],
+            key[0],
+            value[0],
+            scale=scale,
+            window=rec.window,
+            sinks=rec.sinks,
+            sliding_window=sliding_window if mask is None else None,
+            mask=mask,
+            want_probs=rec.maps,
+            softcap=softcap,
+        )
+        rec.stats_by_layer[layer] = stats
+        output = out.unsqueeze(0)
+    else:
+        if softcap is not None:
+            raise ValueError("kvlens attention does not support softcap outside a probe")
+        output = _sdpa(query, key, value, attention_mask, scale, dropout)
+    if rec is not None and rec.on_layer is not None:
+        rec.on_layer(layer)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _append(store: dict, layer: int, t: torch.Tensor, replace: bool = False) -> None:
+    if replace or layer not in store:
+        store[layer] = _to_cpu(t)
+    else:
+        store[layer] = torch.cat([store[layer], _to_cpu(t)], dim=-2)
+
+
+def register_kvlens_attention() -> None:
+    """Register the function and its mask builder under the name ``kvlens`` (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, kvlens_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The self-attention module of every layer, in layer order."""
+    found = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
+    return sorted(found, key=lambda m: m.layer_idx)
+
+
+def install_key_hooks(model: torch.nn.Module) -> None:
+    """Hook each layer's key projection (and key norm, if any) to record pre-RoPE keys."""
+    if getattr(model, "_kvlens_hooked", False):
+        return
+    for attn in attention_modules(model):
+        attn.k_proj.register_forward_hook(_make_key_hook(attn))
+    model._kvlens_hooked = True
+
+
+def _make_key_hook(attn: torch.nn.Module):
+    layer, head_dim = attn.layer_idx, attn.head_dim
+    key_norm = getattr(attn, "k_norm", None)  # per-vector norm: applying it here is exact
+
+    def hook(_mod, _inp, out):
+        rec = _RECORDER.get()
+        if rec is None or not rec.kv or not rec.wants(layer):
+            return
+        t = out[0].reshape(out.shape[1], -1, head_dim)  # first sequence: [T, Hkv, D]
+        if key_norm is not None:
+            with torch.no_grad():
+                t = key_norm(t)
+        _append(rec.keys_pre_rope, layer, t.transpose(0, 1), replace=True)
+
+    return hook
