@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-SLAB_BYTES = 48 * 2**20  # target size of one [heads, block, keys] float32 slab
+SLAB_BYTES = 2 * 2**20  # one [heads, block, keys] float32 slab: small enough to stay in cache
 
 
 @dataclass
@@ -77,8 +77,8 @@ def attention_stats_reference(
     group = hq // hkv
     q_offset = tk - tq
     dev = q.device
-    qf = q.float().view(hkv, group, tq, d)
-    kf = k.float()
+    qf = (q.float() * scale).view(hkv, group, tq, d)  # scale folded into q once
+    k_t = k.float().transpose(1, 2)  # [hkv, d, tk]
     vf = v.float()
     out = torch.empty(hq, tq, d, device=dev, dtype=torch.float32)
     received = torch.zeros(hq, tk, device=dev)
@@ -87,30 +87,39 @@ def attention_stats_reference(
     probs_all = torch.zeros(hq, tq, tk, device=dev) if want_probs else None
     block = max(16, min(tq, SLAB_BYTES // max(1, hq * tk * 4)))
     first_window_row = max(0, tq - window)
+    neg = torch.tensor(-1e30, device=dev)  # finite "minus infinity": 0 * neg stays 0
     for i0 in range(0, tq, block):
         i1 = min(tq, i0 + block)
+        b = i1 - i0
+        causal_only = mask is None and sliding_window is None
         visible = tk if mask is not None else min(tk, q_offset + i1)
         rows = torch.arange(i0, i1, device=dev)
-        scores = torch.matmul(qf[:, :, i0:i1], kf[:, None, :visible].transpose(-1, -2))
-        scores = scores.view(hq, i1 - i0, visible) * scale
+        q_blk = qf[:, :, i0:i1].reshape(hkv, group * b, d)
+        s = torch.bmm(q_blk, k_t[:, :, :visible]).view(hq, b, visible)
         if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        if mask is None:
-            allowed = _allowed_block(rows, visible, q_offset, sliding_window)
+            s = torch.tanh(s / softcap).mul_(softcap)
+        if causal_only:
+            # only the diagonal part [q_offset + i0, visible) can be masked
+            lo = q_offset + i0
+            diag = _allowed_block(rows, visible, q_offset, None)[:, lo:]
+            s[..., lo:] = torch.where(diag, s[..., lo:], neg)
+        elif mask is None:
+            s = torch.where(_allowed_block(rows, visible, q_offset, sliding_window), s, neg)
         elif mask.dtype == torch.bool:
-            allowed = mask[i0:i1, :visible]
+            s = torch.where(mask[i0:i1, :visible], s, neg)
         else:
-            additive = mask[i0:i1, :visible].float()
-            scores = scores + additive
-            allowed = additive > torch.finfo(torch.float32).min / 2
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)  # [hq, b]
-        p = torch.exp(scores - lse[..., None])
-        safe_scores = torch.where(allowed, scores, torch.zeros((), device=dev))
-        row_stats["lse"][:, i0:i1] = lse
-        row_stats["ent"][:, i0:i1] = lse - (p * safe_scores).sum(-1)
+            s = (s + mask[i0:i1, :visible].float()).clamp_min_(-1e30)
+        m = s.amax(-1, keepdim=True)  # [hq, b, 1]
+        s.sub_(m)  # s - m <= 0
+        p = torch.exp(s)
+        z = p.sum(-1, keepdim=True)
+        p.div_(z)
+        log_z = torch.log(z[..., 0])
+        row_stats["lse"][:, i0:i1] = m[..., 0] + log_z
+        # entropy = log z - sum_k p_k (s_k - m); masked keys have p = 0 and finite s
+        row_stats["ent"][:, i0:i1] = log_z - torch.linalg.vecdot(p, s)
         row_stats["sink"][:, i0:i1] = p[..., :sinks].sum(-1)
-        row_stats["max"][:, i0:i1] = p.amax(-1)
+        row_stats["max"][:, i0:i1] = 1.0 / z[..., 0]
         kpos = torch.arange(visible, device=dev, dtype=torch.float32)
         qpos = (rows + q_offset).float()
         row_stats["dist"][:, i0:i1] = qpos[None, :] - p @ kpos
@@ -118,8 +127,8 @@ def attention_stats_reference(
         if i1 > first_window_row:
             lo = max(i0, first_window_row) - i0
             win[:, :visible] += p[:, lo:].sum(1)
-        pv = torch.matmul(p.view(hkv, group * (i1 - i0), visible), vf[:, :visible])
-        out[:, i0:i1] = pv.view(hq, i1 - i0, d)
+        pv = torch.matmul(p.view(hkv, group * b, visible), vf[:, :visible])
+        out[:, i0:i1] = pv.view(hq, b, d)
         if probs_all is not None:
             probs_all[:, i0:i1, :visible] = p
     stats = AttentionStats(

@@ -1,0 +1,90 @@
+"""The blockwise statistics reference against a naive full-matrix computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels.attention_stats as attention_stats
+from kernels.attention_stats import attention_stats_reference
+
+
+def naive(q, k, v, scale, window, sinks, allowed):
+    hq, hkv = q.shape[0], k.shape[0]
+    kk = k.repeat_interleave(hq // hkv, 0)
+    vv = v.repeat_interleave(hq // hkv, 0)
+    s = (q @ kk.transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = s.softmax(-1)
+    tk = k.shape[1]
+    tq = q.shape[1]
+    qpos = torch.arange(tk - tq, tk, dtype=torch.float32)
+    kpos = torch.arange(tk, dtype=torch.float32)
+    return {
+        "out": p @ vv,
+        "received": p.sum(1),
+        "window": p[:, -window:].sum(1),
+        "lse": torch.logsumexp(s, -1),
+        "entropy": -(p * torch.log(p.clamp_min(1e-30))).sum(-1),
+        "sink_mass": p[..., :sinks].sum(-1),
+        "max_prob": p.amax(-1),
+        "mean_distance": (p * (qpos[:, None] - kpos[None, :])).sum(-1),
+        "probs": p,
+    }
+
+
+def causal(tq, tk, sliding=None):
+    qpos = torch.arange(tk - tq, tk)[:, None]
+    kpos = torch.arange(tk)[None, :]
+    allowed = kpos <= qpos
+    if sliding is not None:
+        allowed &= kpos > qpos - sliding
+    return allowed
+
+
+@pytest.mark.parametrize(
+    "tq, tk, sliding, use_mask",
+    [(37, 37, None, False), (5, 40, None, False), (50, 50, 8, False), (33, 33, None, True)],
+)
+@pytest.mark.parametrize("slab_bytes", [64, 2**20])  # tiny slabs force many query blocks
+def test_reference_matches_naive(monkeypatch, tq, tk, sliding, use_mask, slab_bytes):
+    monkeypatch.setattr(attention_stats, "SLAB_BYTES", slab_bytes)
+    torch.manual_seed(tq + tk)
+    q, k, v = torch.randn(6, tq, 16), torch.randn(2, tk, 16), torch.randn(2, tk, 16)
+    allowed = causal(tq, tk, sliding)
+    out, st = attention_stats_reference(
+        q,
+        k,
+        v,
+        scale=0.3,
+        window=4,
+        sinks=2,
+        sliding_window=sliding,
+        mask=allowed if use_mask else None,
+        want_probs=True,
+    )
+    want = naive(q, k, v, 0.3, 4, 2, allowed)
+    torch.testing.assert_close(out, want["out"], atol=1e-5, rtol=1e-5)
+    for name in (
+        "received",
+        "window",
+        "lse",
+        "entropy",
+        "sink_mass",
+        "max_prob",
+        "mean_distance",
+        "probs",
+    ):
+        torch.testing.assert_close(getattr(st, name), want[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_additive_float_mask_equals_bool_mask():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(4, 20, 8), torch.randn(4, 20, 8), torch.randn(4, 20, 8)
+    allowed = causal(20, 20, 5)
+    additive = torch.zeros(20, 20).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    a_out, a = attention_stats_reference(q, k, v, scale=0.5, mask=allowed)
+    b_out, b = attention_stats_reference(q, k, v, scale=0.5, mask=additive)
+    torch.testing.assert_close(a_out, b_out)
+    torch.testing.assert_close(a.received, b.received)
+    torch.testing.assert_close(a.entropy, b.entropy)
