@@ -94,6 +94,89 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def cmd_methods(_args) -> int:
+    from methods.registry import FULL, available
+
+    print(f"{FULL:<14} {'baseline':<10} the uncompressed cache")
+    for name, cls in available().items():
+        params = ", ".join(f"{n}={d}" for n, _t, d in cls.parameters()) or "none"
+        print(f"{name:<14} {cls.family:<10} {cls.summary}")
+        print(f"{'':<14} {'':<10} parameters: {params}")
+        print(f"{'':<14} {'':<10} paper: {cls.paper}")
+    return 0
+
+
+def _one_line(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def cmd_compare(args) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from methods.evaluate import compare
+    from methods.registry import create, split_specs
+    from probes import load_model
+    from probes.capture import tokenize
+    from probes.tasks import make_task
+
+    specs = split_specs(args.methods)
+    for spec in specs:
+        create(spec)  # fail on a bad spec before loading anything
+    if args.task is not None and (args.prompt is not None or args.prompt_file is not None):
+        raise KvlensError("give either --task or a prompt, not both")
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model, device=args.device)
+    task = None
+    if args.task is not None:
+        task = make_task(args.task, args.length, tokenizer, depth=args.depth, seed=args.seed)
+        text = task.prompt
+    else:
+        text = _read_prompt(args)
+    ids = tokenize(tokenizer, text, chat=args.chat)
+    with tqdm(total=len(specs), desc="compare", unit="method", file=sys.stderr) as bar:
+        done = []
+
+        def progress(name: str) -> None:
+            if done:
+                bar.update(1)
+            done.append(name)
+            bar.set_postfix_str(name)
+
+        result = compare(
+            model,
+            tokenizer,
+            ids,
+            specs,
+            max_new_tokens=args.max_new_tokens,
+            answers=task.answers if task else None,
+            score=task.score if task else None,
+            continuation=(task.continuation if task else args.continuation),
+            progress=progress,
+        )
+        bar.update(len(specs) - bar.n)
+    header = (
+        f"{'method':<34} {'KL mean':>8} {'KL max':>7} {'top-1':>6} {'ppl':>7} {'acc':>5} "
+        f"{'bytes':>7} {'time s':>7}  text"
+    )
+    print(header)
+    for r in result.results:
+        acc = "-" if r.accuracy is None else f"{r.accuracy:.2f}"
+        text = _one_line(r.text, 60)
+        print(
+            f"{_one_line(r.spec, 34):<34} {r.kl_mean:>8.4f} {r.kl_max:>7.3f} {r.top1:>6.2f} "
+            f"{r.ppl:>7.2f} {acc:>5} {r.bytes_ratio:>6.1%} {r.time_s:>7.2f}  {text!r}"
+        )
+    if args.json:
+        data = result.to_json()
+        data["settings"]["task"] = task.settings if task else None
+        Path(args.json).write_text(json.dumps(data, indent=1, ensure_ascii=False))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +198,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--device-map", default=None, help="'auto' spreads the model over GPUs")
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("methods", help="list every compression method and its parameters")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("compare", help="run methods against the full cache on one input")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--prompt")
+    p.add_argument("--prompt-file")
+    p.add_argument("--task", choices=["niah", "multikey", "vartrack"])
+    p.add_argument("--length", type=_positive_int, default=1024, help="task length in tokens")
+    p.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--methods", default="full,streamingllm:budget=128,snapkv:budget=128,h2o:budget=128"
+    )
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    p.add_argument("--continuation", help="held-out text after the prompt, for perplexity")
+    p.add_argument("--chat", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="write everything the table shows, plus settings, here")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -126,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     except KvlensError as exc:
         print(f"kvlens: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        sys.stderr.close()  # output piped into e.g. `head`: stop quietly
+        return 0
     except KeyboardInterrupt:
         print("kvlens: interrupted", file=sys.stderr)
         return 130

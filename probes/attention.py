@@ -51,6 +51,20 @@ def active_recorder() -> Recorder | None:
     return _RECORDER.get()
 
 
+# A compressed cache layer hands itself over here from its ``update`` (called by the model
+# right before attention); the attention function then lets that layer attend over its own
+# compressed storage instead of dense keys. Any object with ``layer_idx`` and
+# ``attend(query, key, value, scale=..., sliding_window=...)`` qualifies.
+_PENDING_LAYER: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "kvlens_pending_layer", default=None
+)
+
+
+def hand_over(layer: object) -> None:
+    """Called by a compressed cache layer's ``update``: attend through it on the next call."""
+    _PENDING_LAYER.set(layer)
+
+
 class recording:
     """Context manager: make ``recorder`` the active one for this thread/context."""
 
@@ -113,6 +127,15 @@ def kvlens_attention(
     """
     layer = int(getattr(module, "layer_idx", -1))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    pending = _PENDING_LAYER.get()
+    if pending is not None:
+        _PENDING_LAYER.set(None)
+        if pending.layer_idx != layer:
+            raise RuntimeError(
+                f"compressed cache layer {pending.layer_idx} attended at layer {layer}"
+            )
+        output = pending.attend(query, key, value, scale=scale, sliding_window=sliding_window)
+        return output.transpose(1, 2).contiguous(), None
     rec = _RECORDER.get()
     recording_here = rec is not None and rec.wants(layer)
     if recording_here and rec.kv:

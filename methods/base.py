@@ -1,0 +1,91 @@
+"""What a compression method is: a parameter dataclass with a name, a family and a paper.
+
+A method sees each layer's attention through one typed ``Observation`` and changes that
+layer's store (evicts, quantises, merges). Methods never run the model themselves: the
+compressed cache calls them from inside kvlens' attention function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+
+from probes.errors import KvlensError
+
+
+@dataclass
+class Observation:
+    """What one layer's attention call showed, handed to a method after the call.
+
+    Per KV head h (lists of length n_kv_heads), over the tokens the store holds *after*
+    appending this call's new tokens:
+      positions[h]  int64 [L_h] absolute positions of the stored tokens
+      received[h]   float32 [G, L_h] attention mass from this call's queries (per query head)
+      window[h]     float32 [G, L_h] mass from the last ``window`` queries of this call
+      last[h]       float32 [G, L_h] attention of this call's last query
+    ``n_queries`` is the number of queries in this call (prompt length at prefill, 1 when
+    decoding); ``prefill`` tells the two apart; ``n_seen`` counts every token seen so far.
+    """
+
+    layer: int
+    n_layers: int
+    prefill: bool
+    n_queries: int
+    n_seen: int
+    scale: float
+    positions: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    received: list[torch.Tensor]
+    window: list[torch.Tensor]
+    last: list[torch.Tensor]
+    window_queries: list[torch.Tensor]  # [G, W, D]: the last W queries of this call
+
+    def window_logits(self, head: int) -> torch.Tensor:
+        """Scaled scores [G, W, L_h] of the window queries, -inf where causally masked."""
+        q = self.window_queries[head].float()
+        w = q.shape[1]
+        logits = q @ self.keys[head].float().T * self.scale
+        qpos = torch.arange(self.n_seen - w, self.n_seen, device=logits.device)
+        visible = self.positions[head][None, :] <= qpos[:, None]
+        return logits.masked_fill(~visible, float("-inf"))
+
+
+@dataclass
+class Method:
+    """Base of every method. Subclasses are dataclasses whose fields are the parameters."""
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check parameters; raise KvlensError naming the parameter and the allowed range."""
+
+    def observation_window(self) -> int:
+        """How many of a call's last queries the ``window`` statistic should cover."""
+        return 1
+
+    def compress(self, store, obs: Observation) -> None:
+        """Change ``store`` (a ``methods.cache.HeadStore``) after one attention call."""
+        raise NotImplementedError
+
+    def spec(self) -> str:
+        """The spec string that recreates this method, e.g. ``snapkv:budget=128,window=32``."""
+        params = ",".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+        return f"{self.name}:{params}" if params else self.name
+
+    @classmethod
+    def parameters(cls) -> list[tuple[str, type, object]]:
+        return [(f.name, f.type, f.default) for f in fields(cls)]
+
+
+def require(condition: bool, method: str, message: str) -> None:
+    """Raise the one-line parameter error of ``method`` unless ``condition`` holds."""
+    if not condition:
+        raise KvlensError(f"{method}: {message}")

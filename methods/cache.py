@@ -1,0 +1,212 @@
+"""The compressed cache: a transformers ``Cache`` whose layers hold only what a method kept.
+
+``CompressedCache(model, method)`` goes to ``model.generate(past_key_values=...)`` or to a
+forward call unchanged. Each layer keeps, per KV head, its own tensors of the kept tokens
+(``[L_h, head_dim]`` keys and values, int32 positions, and any per-token state the method
+needs), so heads may keep different numbers of tokens and the bytes reported are the bytes
+held: nothing is masked, nothing is repeated per query head.
+
+How a call flows: the model calls ``update`` with the new keys/values; the layer hands itself
+to kvlens' attention function (``probes.attention.hand_over``), which calls ``attend``. There
+the new tokens are appended, attention is computed over the stored tokens (exact, with the
+statistics the method asks for), and the method compresses the store from the
+``Observation``. ``get_seq_length`` reports the tokens *seen*, so RoPE positions stay right
+after eviction. Batch size 1.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kernels.attention_stats import attention_stats_reference
+from methods.base import Method, Observation
+from probes.attention import hand_over
+from probes.errors import KvlensError
+from probes.models import model_facts
+
+
+class HeadStore:
+    """Per-KV-head storage of kept tokens: keys, values, positions and method state."""
+
+    def __init__(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
+        empty = torch.empty(0, head_dim, dtype=dtype, device=device)
+        self.keys = [empty.clone() for _ in range(n_kv_heads)]
+        self.values = [empty.clone() for _ in range(n_kv_heads)]
+        self.positions = [
+            torch.empty(0, dtype=torch.int32, device=device) for _ in range(n_kv_heads)
+        ]
+        self.aux: dict[str, list[torch.Tensor]] = {}
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.keys)
+
+    def lengths(self) -> list[int]:
+        return [int(p.numel()) for p in self.positions]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """keys/values [Hkv, T, D]; positions [T]."""
+        pos = positions.to(torch.int32)
+        for h in range(self.n_heads):
+            self.keys[h] = torch.cat([self.keys[h], keys[h]])
+            self.values[h] = torch.cat([self.values[h], values[h]])
+            self.positions[h] = torch.cat([self.positions[h], pos])
+            for per_head in self.aux.values():
+                pad = torch.zeros(pos.numel(), dtype=per_head[h].dtype, device=per_head[h].device)
+                per_head[h] = torch.cat([per_head[h], pad])
+
+    def aux_state(self, name: str, dtype=torch.float32) -> list[torch.Tensor]:
+        """Per-token method state (zero for new tokens), gathered with the tokens on eviction."""
+        if name not in self.aux:
+            self.aux[name] = [
+                torch.zeros(p.numel(), dtype=dtype, device=p.device) for p in self.positions
+            ]
+        return self.aux[name]
+
+    def keep(self, head: int, index: torch.Tensor) -> None:
+        """Keep only the tokens at ``index`` (any order; stored in position order)."""
+        index = index.sort().values
+        self.keys[head] = self.keys[head][index].contiguous()
+        self.values[head] = self.values[head][index].contiguous()
+        self.positions[head] = self.positions[head][index].contiguous()
+        for per_head in self.aux.values():
+            per_head[head] = per_head[head][index].contiguous()
+
+    def nbytes(self) -> int:
+        tensors = [*self.keys, *self.values, *self.positions]
+        for per_head in self.aux.values():
+            tensors.extend(per_head)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One layer of a CompressedCache."""
+
+    is_sliding = False
+
+    def __init__(self, method: Method, layer_idx: int, n_layers: int) -> None:
+        super().__init__()
+        self.method = method
+        self.layer_idx = layer_idx
+        self.n_layers = n_layers
+        self.store: HeadStore | None = None
+        self.n_seen = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.store = HeadStore(key_states.shape[1], key_states.shape[-1], self.dtype, self.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if key_states.shape[0] != 1:
+            raise KvlensError("compressed caches run one sequence at a time (batch size 1)")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        hand_over(self)
+        return key_states, value_states  # placeholders: attention reads the store via attend()
+
+    def get_seq_length(self) -> int:
+        return self.n_seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.n_seen + query_length, 0  # the mask is rebuilt from positions in attend()
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        return 0 if self.store is None else self.store.nbytes()
+
+    def attend(self, query, key, value, *, scale: float, sliding_window: int | None = None):
+        """Append this call's tokens, attend over the store, let the method compress it."""
+        store = self.store
+        hq, tq = query.shape[1], query.shape[2]
+        group = hq // store.n_heads
+        new_pos = torch.arange(self.n_seen, self.n_seen + tq, device=query.device)
+        store.append(key[0], value[0], new_pos)
+        window = max(1, min(tq, self.method.observation_window()))
+        out = torch.empty_like(query)
+        received, win, last, window_queries = [], [], [], []
+        for h in range(store.n_heads):
+            q_h = query[0, h * group : (h + 1) * group]  # [G, Tq, D]
+            pos = store.positions[h].to(torch.int64)
+            contiguous = pos.numel() == self.n_seen + tq and self.n_seen == 0
+            mask = None
+            if not contiguous:
+                allowed = pos[None, :] <= new_pos[:, None]
+                if sliding_window is not None:
+                    allowed &= pos[None, :] > new_pos[:, None] - sliding_window
+                mask = allowed
+            o, st = attention_stats_reference(
+                q_h,
+                store.keys[h][None],
+                store.values[h][None],
+                scale=scale,
+                window=window,
+                sliding_window=sliding_window if contiguous else None,
+                mask=mask,
+            )
+            out[0, h * group : (h + 1) * group] = o
+            received.append(st.received)
+            win.append(st.window)
+            last.append(st.received if tq == 1 else _last_row(q_h[:, -1], store.keys[h], scale))
+            window_queries.append(q_h[:, -window:])
+        self.n_seen += tq
+        obs = Observation(
+            layer=self.layer_idx,
+            n_layers=self.n_layers,
+            prefill=tq > 1,
+            n_queries=tq,
+            n_seen=self.n_seen,
+            scale=scale,
+            positions=[p.to(torch.int64) for p in store.positions],
+            keys=store.keys,
+            received=received,
+            window=win,
+            last=last,
+            window_queries=window_queries,
+        )
+        self.method.compress(store, obs)
+        return out
+
+
+def _last_row(q_last: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of the last query (which sees every stored token): [G, L]."""
+    return torch.softmax(q_last.float() @ keys.float().T * scale, dim=-1)
+
+
+class CompressedCache(Cache):
+    """A Cache whose every layer is compressed by ``method``; reports the bytes it holds."""
+
+    def __init__(self, model, method: Method) -> None:
+        if model.config._attn_implementation != "kvlens":
+            raise KvlensError(
+                "compressed caches need a model loaded by kvlens (attention 'kvlens')"
+            )
+        facts = model_facts(model)
+        self.method = method
+        super().__init__(
+            layers=[CompressedLayer(method, i, facts.n_layers) for i in range(facts.n_layers)]
+        )
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def kept_positions(self, layer: int) -> list[torch.Tensor]:
+        """Per KV head, the positions the layer holds now."""
+        store = self.layers[layer].store
+        return [] if store is None else [p.to(torch.int64).cpu() for p in store.positions]
+
+    def copy(self) -> CompressedCache:
+        """An independent copy (compress once, ask many)."""
+        return copy.deepcopy(self)
+
+
+def full_cache_nbytes(model, n_tokens: int) -> int:
+    """Bytes a full (uncompressed) KV cache holds for ``n_tokens`` tokens."""
+    facts = model_facts(model)
+    element = torch.empty(0, dtype=model.dtype).element_size()
+    return 2 * facts.n_layers * facts.n_kv_heads * n_tokens * facts.head_dim * element

@@ -1,0 +1,219 @@
+"""Run one input with the full cache and with each method, and measure what compression costs.
+
+For each method: greedy generation from the compressed cache (the text a user would get,
+its wall time, the bytes the cache holds at the end) and, from a copy of the same
+compressed cache, a teacher-forced pass over the full cache's own greedy continuation:
+per-step KL(full || method) and top-1 agreement of the next-token distributions. Teacher
+forcing keeps one early difference from compounding. Perplexity is measured on a reference
+continuation, the task's gold answer when there is one, else the full cache's continuation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from methods.cache import CompressedCache, full_cache_nbytes
+from methods.registry import create, split_specs
+from probes.capture import check_length
+from probes.errors import KvlensError
+from probes.models import model_facts
+
+
+@dataclass
+class MethodResult:
+    spec: str
+    family: str
+    text: str
+    token_ids: list[int]
+    kl_mean: float
+    kl_max: float
+    top1: float
+    ppl: float
+    accuracy: float | None
+    bytes: int
+    bytes_ratio: float
+    time_s: float
+    kl_per_step: list[float] = field(default_factory=list)
+    top1_per_step: list[bool] = field(default_factory=list)
+    kept_per_layer: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class Comparison:
+    settings: dict
+    results: list[MethodResult]
+
+    def to_json(self) -> dict:
+        return {"settings": self.settings, "results": [asdict(r) for r in self.results]}
+
+
+def _step(model, token: int, cache) -> torch.Tensor:
+    ids = torch.tensor([[token]], device=model.device)
+    return model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].float()
+
+
+def _greedy(
+    model, first_logits: torch.Tensor, cache, n: int, eos: set[int]
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and the logits that chose each of them (first from the prefill)."""
+    tokens, logits = [], [first_logits]
+    for i in range(n):
+        tok = int(logits[-1].argmax())
+        tokens.append(tok)
+        if tok in eos or i == n - 1:
+            break
+        logits.append(_step(model, tok, cache))
+    return tokens, logits[: len(tokens)]
+
+
+def _teacher_forced(model, first_logits, cache, tokens: list[int]) -> list[torch.Tensor]:
+    logits = [first_logits]
+    for tok in tokens[:-1]:
+        logits.append(_step(model, tok, cache))
+    return logits
+
+
+def _nll(logits: list[torch.Tensor], tokens: list[int]) -> float:
+    if not tokens:
+        return float("nan")
+    lp = torch.stack([F.log_softmax(x, -1)[t] for x, t in zip(logits, tokens)])
+    return float(-lp.mean())
+
+
+def compare(
+    model,
+    tokenizer,
+    prompt_ids: list[int],
+    specs: list[str] | str,
+    *,
+    max_new_tokens: int = 32,
+    answers: list[str] | None = None,
+    score: Callable[[str], float] | None = None,
+    continuation: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Comparison:
+    """Compare ``full`` and every method spec on one prompt; see the module docstring."""
+    if isinstance(specs, str):
+        specs = split_specs(specs)
+    methods = [(s, create(s)) for s in specs]  # validate every spec before any work
+    if max_new_tokens < 1:
+        raise KvlensError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
+    facts = model_facts(model)
+    n_prompt = len(prompt_ids)
+    if n_prompt == 0:
+        raise KvlensError("the prompt is empty; give some text")
+    check_length(n_prompt + max_new_tokens, facts.max_positions)
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    cont_ids = None
+    if continuation:
+        cont_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids], device=model.device)
+
+    def prefill(cache) -> torch.Tensor:
+        return model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].float()
+
+    results: list[MethodResult] = []
+    with torch.inference_mode():
+        if progress:
+            progress("full")
+        t0 = time.perf_counter()
+        full_cache = DynamicCache()
+        full_first = prefill(full_cache)
+        ref_cont_cache = _copy_dynamic(full_cache) if cont_ids else None
+        ref_tokens, ref_logits = _greedy(model, full_first, full_cache, max_new_tokens, eos)
+        full_time = time.perf_counter() - t0
+        full_bytes = full_cache_nbytes(model, n_prompt + len(ref_tokens) - 1)
+        if cont_ids:
+            full_cont_logits = _teacher_forced(model, full_first, ref_cont_cache, cont_ids)
+            full_ppl = math.exp(_nll(full_cont_logits, cont_ids))
+        else:
+            full_ppl = math.exp(_nll(ref_logits, ref_tokens))
+        full_text = tokenizer.decode(ref_tokens, skip_special_tokens=True)
+        for spec, method in methods:
+            if method is None:
+                results.append(
+                    MethodResult(
+                        spec="full",
+                        family="none",
+                        text=full_text,
+                        token_ids=ref_tokens,
+                        kl_mean=0.0,
+                        kl_max=0.0,
+                        top1=1.0,
+                        ppl=full_ppl,
+                        accuracy=score(full_text) if score else None,
+                        bytes=full_bytes,
+                        bytes_ratio=1.0,
+                        time_s=full_time,
+                        kl_per_step=[0.0] * len(ref_tokens),
+                        top1_per_step=[True] * len(ref_tokens),
+                    )
+                )
+                continue
+            if progress:
+                progress(spec)
+            t0 = time.perf_counter()
+            cache = CompressedCache(model, method)
+            first = prefill(cache)
+            tf_cache = cache.copy()
+            cont_cache = cache.copy() if cont_ids else None
+            tokens, _ = _greedy(model, first, cache, max_new_tokens, eos)
+            elapsed = time.perf_counter() - t0
+            kept = [
+                [int(p.numel()) for p in cache.kept_positions(layer)]
+                for layer in range(facts.n_layers)
+            ]
+            nbytes = cache.nbytes()
+            tf_logits = _teacher_forced(model, first, tf_cache, ref_tokens)
+            kls, agree = [], []
+            for ref, got in zip(ref_logits, tf_logits):
+                ref_lp, got_lp = F.log_softmax(ref, -1), F.log_softmax(got, -1)
+                kls.append(float((ref_lp.exp() * (ref_lp - got_lp)).sum()))
+                agree.append(bool(ref.argmax() == got.argmax()))
+            if cont_ids:
+                ppl = math.exp(_nll(_teacher_forced(model, first, cont_cache, cont_ids), cont_ids))
+            else:
+                ppl = math.exp(_nll(tf_logits, ref_tokens))
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            results.append(
+                MethodResult(
+                    spec=method.spec(),
+                    family=method.family,
+                    text=text,
+                    token_ids=tokens,
+                    kl_mean=sum(kls) / len(kls),
+                    kl_max=max(kls),
+                    top1=sum(agree) / len(agree),
+                    ppl=ppl,
+                    accuracy=score(text) if score else None,
+                    bytes=nbytes,
+                    bytes_ratio=nbytes / full_bytes,
+                    time_s=elapsed,
+                    kl_per_step=kls,
+                    top1_per_step=agree,
+                    kept_per_layer=kept,
+                )
+            )
+    settings = {
+        "model": facts.model_id,
+        "n_prompt_tokens": n_prompt,
+        "max_new_tokens": max_new_tokens,
+        "methods": specs,
+        "answers": answers,
+        "continuation": continuation,
+        "ppl_on": "continuation" if cont_ids else "full cache's greedy continuation",
+    }
+    return Comparison(settings=settings, results=results)
+
+
+def _copy_dynamic(cache: DynamicCache) -> DynamicCache:
+    import copy
+
+    return copy.deepcopy(cache)

@@ -1,0 +1,14 @@
+"""The eviction family: each module registers one method."""
+
+from methods.eviction import (  # noqa: F401
+    adakv,
+    h2o,
+    keyformer,
+    pyramidkv,
+    random_keep,
+    recent,
+    scissorhands,
+    snapkv,
+    streamingllm,
+    tova,
+)

@@ -1,0 +1,53 @@
+"""Ada-KV-style adaptive head budgets (Feng et al., 2024, "Ada-KV: Optimizing KV Cache
+Eviction by Adaptive Budget Allocation") on top of SnapKV's scores.
+
+A layer's total budget (``budget`` x KV heads) is shared: heads whose attention is spread
+out get more tokens, focused heads fewer. Each head's pooled window scores are normalised
+to sum to one, every head is guaranteed ``floor`` x ``budget`` tokens (Ada-KV's safeguard),
+and the rest of the layer's budget goes to the highest normalised scores across all heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from methods.base import require
+from methods.eviction.snapkv import SnapKV, pooled_window_score
+from methods.registry import register
+
+
+@register
+@dataclass
+class AdaKV(SnapKV):
+    floor: float = 0.2
+
+    name: ClassVar[str] = "adakv"
+    paper: ClassVar[str] = "Feng et al. 2024, Ada-KV: Adaptive Budget Allocation"
+    summary: ClassVar[str] = "SnapKV with per-head budgets shared across a layer"
+
+    def validate(self) -> None:
+        super().validate()
+        require(0.0 <= self.floor <= 1.0, self.name, f"floor must be in [0, 1], got {self.floor}")
+
+    def head_budgets(self, obs):
+        n_heads = len(obs.positions)
+        lengths = [p.numel() for p in obs.positions]
+        total = self.budget * n_heads
+        if sum(lengths) <= total:
+            return lengths
+        guaranteed = [min(n, int(self.floor * self.budget)) for n in lengths]
+        extra_scores, owners = [], []
+        for h in range(n_heads):
+            s = pooled_window_score(obs, h, self.kernel, self.pooling)
+            s = s / s.sum().clamp_min(1e-30)
+            rest = torch.sort(s, descending=True).values[guaranteed[h] :]
+            extra_scores.append(rest)
+            owners.append(torch.full_like(rest, h, dtype=torch.long))
+        scores, owner = torch.cat(extra_scores), torch.cat(owners)
+        n_extra = min(total - sum(guaranteed), scores.numel())
+        chosen = owner[torch.topk(scores, n_extra).indices]
+        counts = torch.bincount(chosen, minlength=n_heads).tolist()
+        return [guaranteed[h] + counts[h] for h in range(n_heads)]

@@ -1,0 +1,79 @@
+"""Shared work of every eviction method: per-head budgets, protected tokens, top-k, gather.
+
+A method supplies ``scores`` (higher = keep) and, optionally, which tokens are protected
+(sinks, a recent window) and per-head budgets. Scores are computed in float32: ties and
+rounding in half precision would make the kept set depend on the dtype. Query heads of one
+KV group are averaged into one score per KV head, since the group shares its keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from methods.base import Method, Observation, require
+
+
+@dataclass
+class EvictionMethod(Method):
+    """Keep at most ``budget`` tokens per KV head; evict the rest by a score."""
+
+    budget: int = 128
+
+    family: ClassVar[str] = "eviction"
+    #: evict again at every decoding step (True), or only once after prefill (False)
+    evict_while_decoding: ClassVar[bool] = False
+
+    def validate(self) -> None:
+        require(self.budget >= 1, self.name, f"budget must be >= 1 token, got {self.budget}")
+
+    def head_budgets(self, obs: Observation) -> list[int]:
+        """Tokens each KV head of this layer may keep."""
+        return [self.budget] * len(obs.positions)
+
+    def protected(self, obs: Observation, head: int) -> torch.Tensor | None:
+        """Bool [L_h]: tokens never evicted while the budget allows (default: none)."""
+        return None
+
+    def observe(self, store, obs: Observation) -> None:
+        """Update per-token state kept in ``store.aux`` (default: nothing)."""
+
+    def scores(self, store, obs: Observation, head: int) -> torch.Tensor:
+        """Float [L_h]: how much each stored token deserves to stay (higher keeps)."""
+        raise NotImplementedError
+
+    def compress(self, store, obs: Observation) -> None:
+        self.observe(store, obs)
+        if not (obs.prefill or self.evict_while_decoding):
+            return
+        for head, budget in enumerate(self.head_budgets(obs)):
+            n = obs.positions[head].numel()
+            if n <= budget:
+                continue
+            store.keep(head, self.select(store, obs, head, budget))
+
+    def select(self, store, obs: Observation, head: int, budget: int) -> torch.Tensor:
+        """Indices of the tokens to keep: protected first, then the highest scores."""
+        score = self.scores(store, obs, head).float().clone()
+        guard = self.protected(obs, head)
+        if guard is not None:
+            # protected tokens outrank all others; among them, later positions win
+            pos = obs.positions[head].float()
+            score[guard] = 1e30 + pos[guard]
+        return torch.topk(score, budget, sorted=False).indices
+
+
+def recent_mask(obs: Observation, head: int, recent: int, sinks: int = 0) -> torch.Tensor:
+    """Bool [L_h]: the first ``sinks`` positions and the last ``recent`` positions seen."""
+    pos = obs.positions[head]
+    guard = pos >= obs.n_seen - recent
+    if sinks:
+        guard |= pos < sinks
+    return guard
+
+
+def group_mean(x: torch.Tensor) -> torch.Tensor:
+    """[G, L] per query head -> [L] per KV head."""
+    return x.float().mean(0)
