@@ -70,7 +70,8 @@ def cmd_probe(args) -> int:
     model, tokenizer = load_model(args.model, device=args.device, device_map=args.device_map)
     facts = model_facts(model)
     check_length(len(tokenize(tokenizer, text, chat=args.chat)), facts.max_positions)
-    with tqdm(total=facts.n_layers, desc="probe", unit="layer", file=sys.stderr) as bar:
+    total = facts.n_layers * (1 + args.generate)
+    with tqdm(total=total, desc="probe", unit="layer", file=sys.stderr) as bar:
         trace = capture(
             model,
             tokenizer,
@@ -81,6 +82,7 @@ def cmd_probe(args) -> int:
             window=args.window,
             sinks=args.sinks,
             chat=args.chat,
+            generate=args.generate,
             progress=lambda _layer: bar.update(1),
         )
     path = trace.save(out)
@@ -177,6 +179,78 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    import polars as pl
+    from tqdm import tqdm
+
+    from analysis.run_all import analyze, save_tables, summarize
+    from probes import Trace
+
+    trace = Trace.load(args.dump)
+    retrieval = None
+    if args.retrieval:
+        try:
+            retrieval = pl.read_parquet(args.retrieval)
+        except Exception as exc:
+            raise KvlensError(
+                f"--retrieval {args.retrieval}: not a readable parquet file "
+                f"({exc.__class__.__name__})"
+            ) from None
+        if not {"layer", "head", "retrieval"} <= set(retrieval.columns):
+            raise KvlensError(f"--retrieval {args.retrieval}: needs columns layer, head, retrieval")
+    with tqdm(desc="analyze", unit="table", file=sys.stderr) as bar:
+        tables = analyze(
+            trace, retrieval, progress=lambda name: (bar.set_postfix_str(name), bar.update(1))
+        )
+    out = save_tables(tables, args.dump)
+    print(summarize(trace, tables))
+    print(out)
+    return 0
+
+
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KvlensError(f"{flag} takes comma-separated numbers, not '{text}'") from None
+
+
+def cmd_retrieval_heads(args) -> int:
+    from tqdm import tqdm
+
+    from analysis.retrieval_heads import top_heads
+    from app.jobs import find_retrieval_heads
+    from probes import load_model
+
+    lengths = [int(x) for x in _float_list(args.lengths, "--lengths")]
+    depths = _float_list(args.depths, "--depths")
+    if not lengths or min(lengths) < 64:
+        raise KvlensError(f"--lengths must be token counts >= 64, got {args.lengths}")
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model, device=args.device)
+    total = len(lengths) * len(depths) + 1
+    with tqdm(total=total, desc="retrieval-heads", unit="probe", file=sys.stderr) as bar:
+
+        def progress(name: str) -> None:
+            bar.set_postfix_str(name)
+            bar.update(1)
+
+        scores = find_retrieval_heads(
+            model, tokenizer, lengths, depths, seed=args.seed, progress=progress
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scores.write_parquet(out)
+    for column in ("retrieval", "echo", "induction"):
+        top = top_heads(scores, column, 5)
+        items = ", ".join(
+            f"L{r['layer']}H{r['head']} {r[column]:.2f}" for r in top.iter_rows(named=True)
+        )
+        print(f"top {column} heads: {items}")
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,9 +269,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=_positive_int, default=32, help="SnapKV window (queries)")
     p.add_argument("--sinks", type=int, default=4, help="first positions counted as sinks")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument(
+        "--generate",
+        type=int,
+        default=0,
+        help="then decode N tokens greedily, recording each step's attention (for persistence)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--device-map", default=None, help="'auto' spreads the model over GPUs")
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("analyze", help="run every analysis a dump has data for")
+    p.add_argument("dump", help="a dump folder written by `kvlens probe`")
+    p.add_argument("--retrieval", help="a retrieval-heads parquet to join into head types")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("retrieval-heads", help="score retrieval, echo and induction heads")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--lengths", default="512,1024,2048")
+    p.add_argument("--depths", default="0.1,0.5,0.9")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="parquet file to write")
+    p.set_defaults(func=cmd_retrieval_heads)
 
     p = sub.add_parser("methods", help="list every compression method and its parameters")
     p.set_defaults(func=cmd_methods)

@@ -8,6 +8,7 @@ Per query head it returns the attention output and:
   sink_mass[h, q]  mass on key positions < ``sinks``;
   max_prob[h, q]   the largest probability in the row;
   mean_distance[h, q]  expected query-key distance under the row's distribution;
+  local_mass[h, q]  mass on the ``local`` nearest positions (distance < ``local``);
 and optionally the full probabilities (only when the caller asks and they fit).
 
 The PyTorch reference walks query blocks: each block holds a [heads, block, visible keys]
@@ -37,6 +38,7 @@ class AttentionStats:
     sink_mass: torch.Tensor  # [Hq, Tq]
     max_prob: torch.Tensor  # [Hq, Tq]
     mean_distance: torch.Tensor  # [Hq, Tq]
+    local_mass: torch.Tensor  # [Hq, Tq]
     probs: torch.Tensor | None = None  # [Hq, Tq, Tk] when asked for
 
 
@@ -60,6 +62,7 @@ def attention_stats_reference(
     scale: float,
     window: int = 32,
     sinks: int = 4,
+    local: int = 16,
     sliding_window: int | None = None,
     mask: torch.Tensor | None = None,
     want_probs: bool = False,
@@ -83,7 +86,9 @@ def attention_stats_reference(
     out = torch.empty(hq, tq, d, device=dev, dtype=torch.float32)
     received = torch.zeros(hq, tk, device=dev)
     win = torch.zeros(hq, tk, device=dev)
-    row_stats = {n: torch.empty(hq, tq, device=dev) for n in ("lse", "ent", "sink", "max", "dist")}
+    row_stats = {
+        n: torch.empty(hq, tq, device=dev) for n in ("lse", "ent", "sink", "max", "dist", "local")
+    }
     probs_all = torch.zeros(hq, tq, tk, device=dev) if want_probs else None
     block = max(16, min(tq, SLAB_BYTES // max(1, hq * tk * 4)))
     first_window_row = max(0, tq - window)
@@ -123,6 +128,9 @@ def attention_stats_reference(
         kpos = torch.arange(visible, device=dev, dtype=torch.float32)
         qpos = (rows + q_offset).float()
         row_stats["dist"][:, i0:i1] = qpos[None, :] - p @ kpos
+        band_lo = max(0, q_offset + i0 - local + 1)  # keys any row of the block holds as local
+        band = (qpos[:, None] - kpos[None, band_lo:]) < local
+        row_stats["local"][:, i0:i1] = (p[..., band_lo:] * band).sum(-1)
         received[:, :visible] += p.sum(1)
         if i1 > first_window_row:
             lo = max(i0, first_window_row) - i0
@@ -139,6 +147,7 @@ def attention_stats_reference(
         sink_mass=row_stats["sink"],
         max_prob=row_stats["max"],
         mean_distance=row_stats["dist"],
+        local_mass=row_stats["local"],
         probs=probs_all,
     )
     return out.to(q.dtype), stats

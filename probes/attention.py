@@ -32,11 +32,15 @@ class Recorder:
     maps: bool = False
     window: int = 32
     sinks: int = 4
+    local: int = 16
     on_layer: Callable[[int], None] | None = None
+    phase: str = "prefill"  # or "decode": one new token per call, its attention row kept
+    step: int = 0
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     keys_pre_rope: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     stats_by_layer: dict[int, AttentionStats] = field(default_factory=dict)
+    step_rows: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
 
     def wants(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
@@ -154,12 +158,16 @@ def kvlens_attention(
             scale=scale,
             window=rec.window,
             sinks=rec.sinks,
+            local=rec.local,
             sliding_window=sliding_window if mask is None else None,
             mask=mask,
-            want_probs=rec.maps,
+            want_probs=rec.maps and rec.phase == "prefill",
             softcap=softcap,
         )
-        rec.stats_by_layer[layer] = stats
+        if rec.phase == "decode":
+            rec.step_rows.append((rec.step, layer, _to_cpu(stats.received.float())))
+        else:
+            rec.stats_by_layer[layer] = stats
         output = out.unsqueeze(0)
     else:
         if softcap is not None:
@@ -213,6 +221,6 @@ def _make_key_hook(attn: torch.nn.Module):
         if key_norm is not None:
             with torch.no_grad():
                 t = key_norm(t)
-        _append(rec.keys_pre_rope, layer, t.transpose(0, 1), replace=True)
+        _append(rec.keys_pre_rope, layer, t.transpose(0, 1), replace=rec.phase == "prefill")
 
     return hook

@@ -15,11 +15,18 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import polars as pl
 import torch
+from transformers import DynamicCache
 
 from probes.attention import Recorder, recording
 from probes.errors import KvlensError
 from probes.models import model_facts
-from probes.trace import KEY_STATS_SCHEMA, QUERY_STATS_SCHEMA, Trace, tensor_name
+from probes.trace import (
+    KEY_STATS_SCHEMA,
+    QUERY_STATS_SCHEMA,
+    STEP_STATS_SCHEMA,
+    Trace,
+    tensor_name,
+)
 
 ATTENTION_MODES = ("auto", "full", "stats", "none")
 AUTO_FULL_MAX_TOKENS = 1024
@@ -79,11 +86,15 @@ def capture(
     sinks: int = 4,
     chat: bool = False,
     max_map_bytes: int = DEFAULT_MAX_MAP_BYTES,
+    generate: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> Trace:
     """Run the prompt through ``model`` once and return what was recorded as a Trace.
 
-    ``progress`` is called with the layer index as each layer's attention finishes.
+    ``generate=M`` then decodes M tokens greedily, recording each step's attention row
+    (``step_stats``) and extending keys/values over the generated tokens.
+    ``progress`` is called with the layer index as each layer's attention finishes
+    (``n_layers * (1 + generate)`` calls in all).
     """
     t_start = time.perf_counter()
     if attention not in ATTENTION_MODES:
@@ -94,9 +105,11 @@ def capture(
         raise KvlensError(f"window must be >= 1 (the last W queries), got {window}")
     if sinks < 0:
         raise KvlensError(f"sinks must be >= 0, got {sinks}")
+    if generate < 0:
+        raise KvlensError(f"generate must be >= 0 tokens, got {generate}")
     facts = model_facts(model)
     ids = tokenize(tokenizer, text_or_ids, chat=chat)
-    check_length(len(ids), facts.max_positions)
+    check_length(len(ids) + generate, facts.max_positions)
     chosen = _parse_layers(layers, facts.n_layers)
     n_rec_layers = facts.n_layers if chosen is None else len(chosen)
     n = len(ids)
@@ -115,9 +128,23 @@ def capture(
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     t_forward = time.perf_counter()
+    generated: list[int] = []
     try:
         with torch.inference_mode(), recording(rec):
-            model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+            cache = DynamicCache() if generate else None
+            out = model(
+                input_ids=input_ids,
+                past_key_values=cache,
+                use_cache=bool(generate),
+                logits_to_keep=1,
+            )
+            rec.phase = "decode"
+            for step in range(1, generate + 1):
+                token = int(out.logits[0, -1].argmax())
+                generated.append(token)
+                rec.step = step
+                step_ids = torch.tensor([[token]], device=device)
+                out = model(input_ids=step_ids, past_key_values=cache, use_cache=True)
     except torch.OutOfMemoryError as exc:
         raise KvlensError(
             f"out of memory probing {n} tokens ({exc.__class__.__name__}); try --attention stats, "
@@ -135,9 +162,11 @@ def capture(
     for layer, st in rec.stats_by_layer.items():
         if st.probs is not None:
             tensors[tensor_name(layer, "attn")] = st.probs.to("cpu", torch.float16).contiguous()
-    key_stats, query_stats = (None, None)
+    key_stats, query_stats, step_stats = (None, None, None)
     if rec.stats_by_layer:
         key_stats, query_stats = stats_tables(rec.stats_by_layer, facts.n_heads, facts.n_kv_heads)
+    if rec.step_rows:
+        step_stats = step_table(rec.step_rows, facts.n_heads, facts.n_kv_heads)
     tables_s = time.perf_counter() - t_tables
     settings = {
         "attention": attention,
@@ -147,16 +176,20 @@ def capture(
         "sinks": sinks,
         "chat": chat,
         "device": str(device),
+        "n_prompt_tokens": len(ids),
+        "generate": generate,
     }
+    all_ids = ids + generated
     return Trace(
         model=facts,
         prompt=text_or_ids if isinstance(text_or_ids, str) else tokenizer.decode(ids),
-        token_ids=ids,
-        tokens=[tokenizer.decode([i]) for i in ids],
+        token_ids=all_ids,
+        tokens=[tokenizer.decode([i]) for i in all_ids],
         settings=settings,
         tensors=tensors,
         key_stats=key_stats,
         query_stats=query_stats,
+        step_stats=step_stats,
         timings={
             "forward_s": round(forward_s, 4),
             "tables_s": round(tables_s, 4),
@@ -205,6 +238,7 @@ def stats_tables(
                     "sink_mass": st.sink_mass.float().cpu().numpy().reshape(-1),
                     "max_prob": st.max_prob.float().cpu().numpy().reshape(-1),
                     "mean_distance": st.mean_distance.float().cpu().numpy().reshape(-1),
+                    "local_mass": st.local_mass.float().cpu().numpy().reshape(-1),
                     "lse": st.lse.float().cpu().numpy().reshape(-1),
                 }
             )
@@ -212,3 +246,27 @@ def stats_tables(
     keys = pl.concat(key_parts).cast(KEY_STATS_SCHEMA)
     queries = pl.concat(query_parts).cast(QUERY_STATS_SCHEMA)
     return keys, queries
+
+
+def step_table(
+    rows: list[tuple[int, int, torch.Tensor]], n_heads: int, n_kv_heads: int
+) -> pl.DataFrame:
+    """Decode-step attention rows [(step, layer, [Hq, Tk])] as the long ``step_stats`` table."""
+    group = n_heads // n_kv_heads
+    parts = []
+    for step, layer, row in rows:
+        hq, tk = row.shape
+        heads = np.repeat(np.arange(hq), tk)
+        parts.append(
+            pl.DataFrame(
+                {
+                    "step": np.full(hq * tk, step),
+                    "layer": np.full(hq * tk, layer),
+                    "head": heads,
+                    "kv_head": heads // group,
+                    "position": np.tile(np.arange(tk), hq),
+                    "attention": row.numpy().reshape(-1),
+                }
+            )
+        )
+    return pl.concat(parts).cast(STEP_STATS_SCHEMA)

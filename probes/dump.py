@@ -6,6 +6,7 @@
     tensors.safetensors  the Trace's tensors under their ``layers.{l}.{kind}`` names
     stats.parquet        key statistics (layer, head, kv_head, position, received, ...)
     query_stats.parquet  query statistics (entropy, sink mass, ...)
+    step_stats.parquet   per decoding step attention (generate mode only)
 
 Writing goes to a hidden temporary folder beside the target, then one rename, so a killed
 probe never leaves a folder that looks complete. Reading checks every promise of the
@@ -27,7 +28,13 @@ from safetensors.torch import save_file
 
 from probes.errors import DumpError
 from probes.models import ModelFacts
-from probes.trace import KEY_STATS_SCHEMA, QUERY_STATS_SCHEMA, TENSOR_KINDS, Trace
+from probes.trace import (
+    KEY_STATS_SCHEMA,
+    QUERY_STATS_SCHEMA,
+    STEP_STATS_SCHEMA,
+    TENSOR_KINDS,
+    Trace,
+)
 
 SCHEMA = "kvlens.dump"
 SCHEMA_VERSION = 1
@@ -36,6 +43,7 @@ TENSORS = "tensors.safetensors"
 TABLES = {
     "key_stats": ("stats.parquet", KEY_STATS_SCHEMA),
     "query_stats": ("query_stats.parquet", QUERY_STATS_SCHEMA),
+    "step_stats": ("step_stats.parquet", STEP_STATS_SCHEMA),
 }
 
 
@@ -156,11 +164,14 @@ def read_dump(folder: str | Path) -> Trace:
         tensors=tensors,
         key_stats=tables["key_stats"],
         query_stats=tables["query_stats"],
+        step_stats=tables["step_stats"],
         timings=manifest.get("timings") or {},
     )
 
 
-def _expected_shape(name: str, facts: ModelFacts, n_tokens: int, folder: Path) -> list[int]:
+def _expected_shape(
+    name: str, facts: ModelFacts, n_tokens: int, n_prompt: int, folder: Path
+) -> list[int]:
     parts = name.split(".")
     if (
         len(parts) != 3
@@ -172,12 +183,15 @@ def _expected_shape(name: str, facts: ModelFacts, n_tokens: int, folder: Path) -
     if int(parts[1]) >= facts.n_layers:
         raise _fail(folder, f"tensor '{name}' names a layer the model does not have")
     if parts[2] == "attn":
-        return [facts.n_heads, n_tokens, n_tokens]
+        return [facts.n_heads, n_prompt, n_prompt]
     return [facts.n_kv_heads, n_tokens, facts.head_dim]
 
 
 def _read_tensors(folder: Path, manifest: dict, facts: ModelFacts, n_tokens: int) -> dict:
     expected = manifest["tensors"]
+    n_prompt = manifest["settings"].get("n_prompt_tokens", n_tokens)
+    if not isinstance(n_prompt, int) or not 0 < n_prompt <= n_tokens:
+        raise _fail(folder, "manifest settings.n_prompt_tokens is not a token count")
     path = folder / TENSORS
     if not path.is_file():
         raise _fail(folder, f"{TENSORS} is missing")
@@ -194,7 +208,7 @@ def _read_tensors(folder: Path, manifest: dict, facts: ModelFacts, n_tokens: int
                     f"(missing {missing}, unexpected {extra})",
                 )
             for name in sorted(names):
-                want = _expected_shape(name, facts, n_tokens, folder)
+                want = _expected_shape(name, facts, n_tokens, n_prompt, folder)
                 t = fh.get_tensor(name)
                 if list(t.shape) != want or list(t.shape) != expected[name].get("shape"):
                     raise _fail(

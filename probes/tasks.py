@@ -166,7 +166,35 @@ def make_task(
     hay = _haystack(rng, n_tokens, count, steps)
     prompt = (
         f"Track the variable assignments in the text.\n\n{hay}\n\n"
-        f"Question: Which variables hold the value {value}? "
-        f"Answer: The variables that hold {value} are"
+        f"Question: Which variables hold the value {value}?\nAnswer: VAR_"
     )
-    return Task(kind, prompt, names, " " + ", ".join(names) + ".", settings | {"value": value})
+    # the prompt ends in "VAR_", so answers are the names without that prefix
+    bare = [n.removeprefix("VAR_") for n in names]
+    return Task(
+        kind, prompt, bare, bare[0] + ", " + ", ".join(names[1:]) + ".", settings | {"value": value}
+    )
+
+
+def repeated_random_tokens(
+    period: int, vocab_size: int, seed: int = 0, prefix: list[int] | None = None, low: int = 1000
+) -> tuple[list[int], int]:
+    """Token ids: ``prefix`` then ``period`` random ids repeated twice; returns (ids, offset).
+
+    Ids are drawn from ``[low, vocab_size)`` to stay clear of special tokens.
+    """
+    if period < 2:
+        raise KvlensError(f"period must be >= 2, got {period}")
+    rng = random.Random(seed)
+    block = [rng.randrange(low, vocab_size) for _ in range(period)]
+    prefix = list(prefix or [])
+    return prefix + block + block, len(prefix)
+
+
+def needle_token_positions(tokenizer, prompt: str, needle_text: str) -> list[int]:
+    """Positions of the tokens of the last occurrence of ``needle_text`` in ``prompt``."""
+    start = prompt.rfind(needle_text)
+    if start < 0:
+        raise KvlensError(f"needle text {needle_text!r} is not in the prompt")
+    end = start + len(needle_text)
+    enc = tokenizer(prompt, return_offsets_mapping=True)
+    return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > start and a < end and b > a]

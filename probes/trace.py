@@ -4,7 +4,10 @@ Tensor names follow one scheme, shared by the Trace, the safetensors file, the t
 the app: ``layers.{l}.key_pre_rope``, ``layers.{l}.key``, ``layers.{l}.value`` (each
 [kv_heads, T, head_dim]) and ``layers.{l}.attn`` ([heads, T, T], only where full maps were
 captured). Statistics are long polars tables: ``key_stats`` (one row per layer, query head
-and key position) and ``query_stats`` (one row per layer, query head and query position).
+and key position) and ``query_stats`` (one row per layer, query head and query position),
+both over the prompt. A probe in generate mode adds ``step_stats``: for each greedy decoding
+step, the attention of the new token to every earlier position (one row per step, layer,
+head, position); its tokens then cover the prompt plus the generated tokens.
 """
 
 from __future__ import annotations
@@ -35,7 +38,16 @@ QUERY_STATS_SCHEMA = {
     "sink_mass": pl.Float32,
     "max_prob": pl.Float32,
     "mean_distance": pl.Float32,
+    "local_mass": pl.Float32,
     "lse": pl.Float32,
+}
+STEP_STATS_SCHEMA = {
+    "step": pl.Int32,
+    "layer": pl.Int16,
+    "head": pl.Int16,
+    "kv_head": pl.Int16,
+    "position": pl.Int32,
+    "attention": pl.Float32,
 }
 TENSOR_KINDS = ("key_pre_rope", "key", "value", "attn")
 
@@ -58,11 +70,16 @@ class Trace:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     key_stats: pl.DataFrame | None = None
     query_stats: pl.DataFrame | None = None
+    step_stats: pl.DataFrame | None = None
     timings: dict = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def n_prompt_tokens(self) -> int:
+        return int(self.settings.get("n_prompt_tokens", self.n_tokens))
 
     @property
     def layers(self) -> list[int]:

@@ -29,6 +29,7 @@ def naive(q, k, v, scale, window, sinks, allowed):
         "sink_mass": p[..., :sinks].sum(-1),
         "max_prob": p.amax(-1),
         "mean_distance": (p * (qpos[:, None] - kpos[None, :])).sum(-1),
+        "local_mass": (p * ((qpos[:, None] - kpos[None, :]) < 3)).sum(-1),
         "probs": p,
     }
 
@@ -59,6 +60,7 @@ def test_reference_matches_naive(monkeypatch, tq, tk, sliding, use_mask, slab_by
         scale=0.3,
         window=4,
         sinks=2,
+        local=3,
         sliding_window=sliding,
         mask=allowed if use_mask else None,
         want_probs=True,
@@ -73,6 +75,7 @@ def test_reference_matches_naive(monkeypatch, tq, tk, sliding, use_mask, slab_by
         "sink_mass",
         "max_prob",
         "mean_distance",
+        "local_mass",
         "probs",
     ):
         torch.testing.assert_close(getattr(st, name), want[name], atol=1e-4, rtol=1e-4, msg=name)

@@ -1,0 +1,57 @@
+"""Jobs that run a model and then analyse what it showed: shared by the CLI and the app.
+
+Analysis modules never run a model; these functions do the running (through ``probes``) and
+hand the traces to ``analysis``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import polars as pl
+
+from analysis.retrieval_heads import echo_induction_scores, retrieval_scores
+from probes import capture
+from probes.capture import tokenize
+from probes.errors import KvlensError
+from probes.models import model_facts
+from probes.tasks import make_task, needle_token_positions, repeated_random_tokens
+
+
+def find_retrieval_heads(
+    model,
+    tokenizer,
+    lengths: list[int] = (512, 1024, 2048),
+    depths: list[float] = (0.1, 0.5, 0.9),
+    seed: int = 0,
+    generate: int = 12,
+    period: int = 64,
+    progress: Callable[[str], None] | None = None,
+) -> pl.DataFrame:
+    """Retrieval score per layer and head (mean over needle prompts), plus echo/induction."""
+    for depth in depths:
+        if not 0.0 <= depth <= 1.0:
+            raise KvlensError(f"depths must be in [0, 1], got {depth}")
+    facts = model_facts(model)
+    runs = []
+    for length in lengths:
+        for depth in depths:
+            if progress:
+                progress(f"needle {length} tokens, depth {depth}")
+            task = make_task("niah", length, tokenizer, depth=depth, seed=seed)
+            ids = tokenize(tokenizer, task.prompt)
+            needle = needle_token_positions(tokenizer, task.prompt, task.answers[0])
+            trace = capture(model, tokenizer, ids, attention="stats", kv=False, generate=generate)
+            runs.append(retrieval_scores(trace, needle))
+    retrieval = pl.concat(runs).group_by("layer", "head").agg(pl.col("retrieval").mean())
+    if progress:
+        progress("echo / induction")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids, offset = repeated_random_tokens(period, facts.vocab_size, seed=seed, prefix=bos)
+    trace = capture(model, tokenizer, ids, attention="full", kv=False)
+    echo = echo_induction_scores(trace, offset, period)
+    return (
+        retrieval.join(echo, on=["layer", "head"], how="full", coalesce=True)
+        .with_columns(pl.col("retrieval").fill_null(0.0))
+        .sort("layer", "head")
+    )
