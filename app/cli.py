@@ -251,6 +251,55 @@ def cmd_retrieval_heads(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    import json
+
+    from app.report import build_report
+    from probes import Trace
+
+    trace = Trace.load(args.dump)
+    comparison = None
+    if args.compare:
+        try:
+            comparison = json.loads(Path(args.compare).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise KvlensError(
+                f"--compare {args.compare}: not a readable JSON file ({exc.__class__.__name__})"
+            ) from None
+        if not isinstance(comparison, dict) or not isinstance(comparison.get("results"), list):
+            raise KvlensError(f"--compare {args.compare}: not a `kvlens compare --json` result")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.write_text(build_report(trace, comparison), encoding="utf-8")
+    tmp.replace(out)
+    print(out)
+    return 0
+
+
+def cmd_app(args) -> int:
+    import subprocess
+
+    entry = Path(__file__).resolve().parent / "streamlit_app.py"
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(entry),
+        "--server.port",
+        str(args.port),
+        "--server.address",
+        args.address,
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+    print(f"kvlens app on http://{args.address}:{args.port}", file=sys.stderr)
+    return subprocess.call(cmd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -292,6 +341,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="parquet file to write")
     p.set_defaults(func=cmd_retrieval_heads)
+
+    p = sub.add_parser("report", help="write a self-contained HTML report of a dump")
+    p.add_argument("dump")
+    p.add_argument("--compare", help="a `kvlens compare --json` result to include")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("app", help="start the web app")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--address", default="127.0.0.1")
+    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("methods", help="list every compression method and its parameters")
     p.set_defaults(func=cmd_methods)

@@ -153,6 +153,31 @@ def attention_stats_reference(
     return out.to(q.dtype), stats
 
 
-def attention_with_stats(q, k, v, **kwargs) -> tuple[torch.Tensor, AttentionStats]:
-    """Dispatch: the Triton kernel on CUDA once it exists, the blockwise reference elsewhere."""
-    return attention_stats_reference(q, k, v, **kwargs)
+def triton_supports(q: torch.Tensor, mask, want_probs: bool, softcap) -> bool:
+    """Whether the Triton kernels cover this call (CUDA, causal/sliding, no maps, d in 16..256)."""
+    d = q.shape[-1]
+    return (
+        q.is_cuda
+        and mask is None
+        and not want_probs
+        and softcap is None
+        and 16 <= d <= 256
+        and d & (d - 1) == 0
+    )
+
+
+def attention_with_stats(
+    q, k, v, *, mask=None, want_probs: bool = False, softcap=None, **kwargs
+) -> tuple[torch.Tensor, AttentionStats]:
+    """Dispatch: the Triton kernels on CUDA where they apply, the blockwise reference elsewhere
+    (CPU, explicit masks, full probability maps, softcapping)."""
+    if triton_supports(q, mask, want_probs, softcap):
+        try:
+            from kernels.attention_stats_triton import attention_stats_fast
+        except ImportError:  # no Triton installed: the reference still gives exact results
+            pass
+        else:
+            return attention_stats_fast(q, k, v, **kwargs)
+    return attention_stats_reference(
+        q, k, v, mask=mask, want_probs=want_probs, softcap=softcap, **kwargs
+    )

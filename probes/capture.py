@@ -145,6 +145,8 @@ def capture(
                 rec.step = step
                 step_ids = torch.tensor([[token]], device=device)
                 out = model(input_ids=step_ids, past_key_values=cache, use_cache=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the forward time must include the kernels
     except torch.OutOfMemoryError as exc:
         raise KvlensError(
             f"out of memory probing {n} tokens ({exc.__class__.__name__}); try --attention stats, "
@@ -182,9 +184,9 @@ def capture(
     all_ids = ids + generated
     return Trace(
         model=facts,
-        prompt=text_or_ids if isinstance(text_or_ids, str) else tokenizer.decode(ids),
+        prompt=text_or_ids if isinstance(text_or_ids, str) else _decode(tokenizer, ids),
         token_ids=all_ids,
-        tokens=[tokenizer.decode([i]) for i in all_ids],
+        tokens=[_decode(tokenizer, [i]) for i in all_ids],
         settings=settings,
         tensors=tensors,
         key_stats=key_stats,
@@ -196,6 +198,13 @@ def capture(
             "total_s": round(time.perf_counter() - t_start, 4),
         },
     )
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    """Token text; models without a tokenizer (random-weight benchmarks) show the ids."""
+    if tokenizer is None:
+        return " ".join(f"<{i}>" for i in ids)
+    return tokenizer.decode(ids)
 
 
 def stats_tables(

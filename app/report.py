@@ -1,0 +1,179 @@
+"""Self-contained HTML reports: the prompt, model facts, every analysis figure and table, and
+a comparison of methods. plotly.js is embedded once, so the file opens offline. Every piece
+of text that came from a prompt, a token or a generated output is HTML-escaped (plotly's own
+JSON escapes '<', '>' and '/' inside figures)."""
+
+from __future__ import annotations
+
+import html
+import time
+
+import plotly.graph_objects as go
+import polars as pl
+from plotly.offline import get_plotlyjs
+
+from analysis import heavy_hitters, outliers
+from analysis.run_all import analyze, summarize
+from app import figures
+from probes.trace import Trace
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }
+pre.prompt { white-space: pre-wrap; background: #f6f6f6; padding: 1rem;
+             max-height: 24rem; overflow: auto; }
+table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0 1.5rem; }
+td, th { border: 1px solid #ddd; padding: 0.2rem 0.5rem; text-align: left; vertical-align: top; }
+th { background: #f0f0f0; }
+"""
+
+
+def _table(df: pl.DataFrame | list[dict], max_rows: int = 30) -> str:
+    rows = df.head(max_rows).to_dicts() if isinstance(df, pl.DataFrame) else list(df)[:max_rows]
+    if not rows:
+        return "<p><i>(empty)</i></p>"
+    cols = list(rows[0])
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return html.escape(str(v))
+
+    body = "".join("<tr>" + "".join(f"<td>{cell(r[c])}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _figure(fig: go.Figure) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False)
+
+
+def build_report(
+    trace: Trace, comparison: dict | None = None, retrieval: pl.DataFrame | None = None
+) -> str:
+    """The report as one HTML string."""
+    tables = analyze(trace, retrieval)
+    parts: list[str] = []
+    m = trace.model
+    parts.append("<h1>kvlens report</h1>")
+    parts.append(f"<p>Created {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}</p>")
+    parts.append(
+        "<h2>Model</h2>"
+        + _table(
+            [
+                {
+                    "model": m.model_id,
+                    "layers": m.n_layers,
+                    "heads": m.n_heads,
+                    "KV heads": m.n_kv_heads,
+                    "head_dim": m.head_dim,
+                    "RoPE theta": m.rope_theta,
+                    "tokens": trace.n_tokens,
+                    "attention": trace.settings.get("attention"),
+                }
+            ]
+        )
+    )
+    parts.append(f'<h2>Prompt</h2><pre class="prompt">{html.escape(trace.prompt)}</pre>')
+    parts.append(f"<h2>Summary</h2><pre>{html.escape(summarize(trace, tables))}</pre>")
+    if "heavy_hitters_model" in tables:
+        parts.append("<h2>Heavy hitters</h2>" + _table(tables["heavy_hitters_model"], 15))
+        scores = (
+            heavy_hitters.token_scores(trace)
+            .group_by("position")
+            .agg(pl.col("received_norm").mean())
+            .sort("position")
+        )
+        parts.append(
+            _figure(
+                figures.token_scores(
+                    scores["position"].to_list(),
+                    trace.tokens,
+                    scores["received_norm"].to_list(),
+                    "received attention per token",
+                )
+            )
+        )
+        parts.append(
+            _figure(figures.layer_head_heatmap(tables["sinks"], "sink_mass", "sink mass per head"))
+        )
+        parts.append(
+            _figure(
+                figures.layer_layer(
+                    tables["heavy_hitters_layer_overlap"],
+                    "jaccard",
+                    "top-16 overlap between layers",
+                )
+            )
+        )
+    if "persistence" in tables:
+        parts.append(
+            _figure(figures.layer_head_heatmap(tables["persistence"], "persistence", "persistence"))
+        )
+    if "retrieval_heads" in tables:
+        parts.append("<h2>Retrieval heads</h2>")
+        parts.append(
+            _figure(
+                figures.layer_head_heatmap(
+                    tables["retrieval_heads"], "retrieval", "retrieval score"
+                )
+            )
+        )
+    if "outlier_channels" in tables:
+        parts.append("<h2>Outlier channels</h2>")
+        parts.append(_table(outliers.outlier_summary(tables["outlier_channels"]), 100))
+        for kind in outliers.KINDS:
+            if tables["outlier_channels"].filter(kind=kind).height:
+                parts.append(
+                    _figure(
+                        figures.channel_heatmap(
+                            tables["outlier_channels"], kind, f"mean |x| ({kind})"
+                        )
+                    )
+                )
+        parts.append(
+            _figure(figures.quant_error_bars(tables["quantization_error"], "quantisation error"))
+        )
+    if "similarity_key" in tables:
+        parts.append("<h2>Cross-layer similarity</h2>")
+        parts.append(
+            _figure(
+                figures.layer_layer(tables["similarity_key"], "cosine", "key cosine between layers")
+            )
+        )
+        parts.append(
+            _figure(figures.layer_layer(tables["cka_key"], "cka", "key CKA between layers"))
+        )
+        parts.append(_table(tables["svd_energy_key"].filter(pl.col("group_size") > 0).head(40)))
+    if "head_types" in tables:
+        parts.append("<h2>Head types</h2>" + _table(tables["head_types"], 300))
+    if comparison:
+        results = comparison["results"]
+        parts.append("<h2>Compression comparison</h2>")
+        parts.append(
+            _table(
+                [
+                    {
+                        k: r[k]
+                        for k in (
+                            "spec",
+                            "text",
+                            "kl_mean",
+                            "top1",
+                            "ppl",
+                            "accuracy",
+                            "bytes_ratio",
+                            "time_s",
+                        )
+                    }
+                    for r in results
+                ]
+            )
+        )
+        parts.append(_figure(figures.kl_curves(results, "per-step KL vs the full cache")))
+        parts.append(_figure(figures.memory_quality(results, "memory vs quality")))
+    body = "\n".join(parts)
+    return (
+        '<!DOCTYPE html><html><head><meta charset="utf-8"><title>kvlens report</title>'
+        f'<style>{STYLE}</style><script type="text/javascript">{get_plotlyjs()}</script></head>'
+        f"<body>{body}</body></html>"
+    )

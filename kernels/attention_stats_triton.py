@@ -1,0 +1,565 @@
+"""Triton kernels for causal attention with exact statistics (FlashAttention-style, GQA).
+
+Two passes, no atomics, deterministic:
+  1. ``_forward``: one program per (query block, query head) runs the online softmax over
+     the visible key blocks and returns the output and, folded into the same loop, per-row
+     log-sum-exp, entropy, sink mass, max probability, mean distance and local mass.
+  2. ``_column_sums``: one program per (key block, query head) walks the query blocks that
+     can see its keys, recomputes p = exp2(q.k * c - lse2) with the row normaliser from
+     pass 1, and sums columns: the attention each key receives (H2O) and that from the
+     last ``window`` queries (SnapKV). This costs one more Q.K^T over the causal triangle
+     and no V read.
+Scores are kept in log2 units (scale * log2(e)) so exponentials are exp2. Inputs are one
+sequence: q [Hq, Tq, D], k/v [Hkv, Tk, D]; queries are the last Tq positions.
+``kernels.attention_stats.attention_with_stats`` dispatches here on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _forward(
+    Q, K, V, OUT, LSE, ENT, SINK, MAXP, DIST, LOCAL,
+    stride_qh, stride_qt, stride_kh, stride_kt, stride_vh, stride_vt, stride_oh, stride_ot,
+    T_Q, T_K, Q_OFFSET, scale_log2,
+    SLIDING: tl.constexpr, GROUP: tl.constexpr, SINKS: tl.constexpr, LOCAL_W: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T_Q
+    q = tl.load(
+        Q + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    qpos = offs_m + Q_OFFSET
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    a_i = tl.zeros([BLOCK_M], tl.float32)
+    sink_i = tl.zeros([BLOCK_M], tl.float32)
+    dist_i = tl.zeros([BLOCK_M], tl.float32)
+    loc_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    hi = tl.minimum(T_K, Q_OFFSET + (pid_m + 1) * BLOCK_M)
+    if SLIDING > 0:
+        lo = tl.maximum(0, (Q_OFFSET + pid_m * BLOCK_M - SLIDING + 1) // BLOCK_N * BLOCK_N)
+    else:
+        lo = 0
+    k_base = K + kvh * stride_kh
+    v_base = V + kvh * stride_vh
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < T_K
+        k = tl.load(
+            k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0
+        )
+        s = tl.dot(q, k) * scale_log2
+        valid = (offs_n[None, :] <= qpos[:, None]) & col_ok[None, :]
+        if SLIDING > 0:
+            valid = valid & (offs_n[None, :] > qpos[:, None] - SLIDING)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        a_i = a_i * alpha + tl.sum(p * tl.where(valid, s, 0.0), 1)
+        sink_i = sink_i * alpha + tl.sum(tl.where(offs_n[None, :] < SINKS, p, 0.0), 1)
+        dist = (qpos[:, None] - offs_n[None, :]).to(tl.float32)
+        dist_i = dist_i * alpha + tl.sum(p * dist, 1)
+        loc_i = loc_i * alpha + tl.sum(tl.where(dist < LOCAL_W, p, 0.0), 1)
+        v = tl.load(
+            v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(
+        OUT + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+    lse2 = m_i + tl.log2(l_safe)
+    row = h * T_Q + offs_m
+    tl.store(LSE + row, lse2, mask=row_ok)
+    tl.store(ENT + row, (lse2 - a_i / l_safe) * 0.6931471805599453, mask=row_ok)
+    tl.store(SINK + row, sink_i / l_safe, mask=row_ok)
+    tl.store(MAXP + row, 1.0 / l_safe, mask=row_ok)
+    tl.store(DIST + row, dist_i / l_safe, mask=row_ok)
+    tl.store(LOCAL + row, loc_i / l_safe, mask=row_ok)
+
+
+@triton.jit
+def _column_sums(
+    Q, K, LSE, RECEIVED, WINDOW,
+    stride_qh, stride_qt, stride_kh, stride_kt,
+    T_Q, T_K, Q_OFFSET, scale_log2, WINDOW_START,
+    SLIDING: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < T_K
+    k = tl.load(
+        K + kvh * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None],
+        mask=col_ok[None, :],
+        other=0.0,
+    )
+    received = tl.zeros([BLOCK_N], tl.float32)
+    window = tl.zeros([BLOCK_N], tl.float32)
+    # the first query that can see this key block (causal), aligned down to a query block
+    first_q = tl.maximum(0, pid_n * BLOCK_N - Q_OFFSET) // BLOCK_M * BLOCK_M
+    if SLIDING > 0:
+        last_q = tl.minimum(T_Q, (pid_n + 1) * BLOCK_N + SLIDING - Q_OFFSET + BLOCK_M)
+    else:
+        last_q = T_Q
+    for start_m in tl.range(first_q, last_q, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < T_Q
+        q = tl.load(
+            Q + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
+        lse2 = tl.load(LSE + h * T_Q + offs_m, mask=row_ok, other=float("inf"))
+        s = tl.dot(q, k) * scale_log2
+        qpos = offs_m + Q_OFFSET
+        valid = (offs_n[None, :] <= qpos[:, None]) & row_ok[:, None] & col_ok[None, :]
+        if SLIDING > 0:
+            valid = valid & (offs_n[None, :] > qpos[:, None] - SLIDING)
+        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+        received += tl.sum(p, 0)
+        window += tl.sum(tl.where(offs_m[:, None] >= WINDOW_START, p, 0.0), 0)
+    tl.store(RECEIVED + h * T_K + offs_n, received, mask=col_ok)
+    tl.store(WINDOW + h * T_K + offs_n, window, mask=col_ok)
+
+
+def _blocks(head_dim: int, interpret: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim."""
+    if interpret:
+        return 16, 16, 1, 1
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    if head_dim <= 128:
+        return 128, 64, 8, 3
+    return 64, 32, 4, 2
+
+
+def attention_stats_triton(
+    q,
+    k,
+    v,
+    *,
+    scale: float,
+    window: int = 32,
+    sinks: int = 4,
+    local: int = 16,
+    sliding_window: int | None = None,
+):
+    """Output [Hq, Tq, D] and an AttentionStats, computed by the two kernels above."""
+    from kernels.attention_stats import AttentionStats
+
+    hq, tq, d = q.shape
+    hkv, tk, _ = k.shape
+    if d & (d - 1) or d > 256:
+        raise ValueError(f"head_dim {d} is not a power of two <= 256")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    interpret = q.device.type != "cuda"
+    block_m, block_n, warps, stages = _blocks(d, interpret)
+    f32 = {"device": q.device, "dtype": torch.float32}
+    out = torch.empty_like(q)
+    lse, ent, sink, maxp, dist, loc = (torch.empty(hq, tq, **f32) for _ in range(6))
+    received = torch.empty(hq, tk, **f32)
+    win = torch.empty(hq, tk, **f32)
+    scale_log2 = scale * LOG2E
+    sliding = int(sliding_window or 0)
+    q_offset = tk - tq
+    extra = {} if interpret else {"num_warps": warps, "num_stages": stages}
+    _forward[(triton.cdiv(tq, block_m), hq)](
+        q, k, v, out, lse, ent, sink, maxp, dist, loc,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        tq, tk, q_offset, scale_log2,
+        SLIDING=sliding, GROUP=hq // hkv, SINKS=sinks, LOCAL_W=local, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, **extra,
+    )  # fmt: skip
+    _column_sums[(triton.cdiv(tk, block_n), hq)](
+        q, k, lse, received, win,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        tq, tk, q_offset, scale_log2, max(0, tq - window),
+        SLIDING=sliding, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, **extra,
+    )  # fmt: skip
+    stats = AttentionStats(
+        received=received,
+        window=win,
+        lse=lse * math.log(2),
+        entropy=ent,
+        sink_mass=sink,
+        max_prob=maxp,
+        mean_distance=dist,
+        local_mass=loc,
+    )
+    return out, stats
+
+
+@triton.jit
+def _stats_block(
+    q, k_base, offs_n, qpos, lse2, scale_log2, T_K, SINKS, LOCAL_W,
+    received_ptr, window_ptr, in_window, a_i, sink_i, dist_i, loc_i, mx_i, kpos_f,
+    stride_kt, offs_d, MASKED: tl.constexpr, FIRST: tl.constexpr, NEAR: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):  # fmt: skip
+    col_ok = offs_n < T_K
+    k = tl.load(
+        k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0
+    )
+    s = tl.dot(q, k) * scale_log2
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:
+        valid = (
+            (offs_n[None, :] <= qpos[:, None]) & col_ok[None, :] & (lse2[:, None] < float("inf"))
+        )
+        p = tl.where(valid, p, 0.0)
+        mx_i = tl.maximum(mx_i, tl.max(tl.where(valid, s, float("-inf")), 1))
+        s = tl.where(valid, s, 0.0)
+    else:
+        mx_i = tl.maximum(mx_i, tl.max(s, 1))
+    a_i += tl.sum(p * s, 1)
+    dist_i += tl.sum(p * kpos_f[None, :], 1)
+    if FIRST:
+        sink_i += tl.sum(tl.where(offs_n[None, :] < SINKS, p, 0.0), 1)
+    if NEAR:
+        loc_i += tl.sum(tl.where((qpos[:, None] - offs_n[None, :]) < LOCAL_W, p, 0.0), 1)
+    tl.atomic_add(received_ptr + offs_n, tl.sum(p, 0), mask=col_ok, sem="relaxed")
+    if HAS_WINDOW:
+        tl.atomic_add(
+            window_ptr + offs_n,
+            tl.sum(tl.where(in_window[:, None], p, 0.0), 0),
+            mask=col_ok,
+            sem="relaxed",
+        )
+    return a_i, sink_i, dist_i, loc_i, mx_i
+
+
+@triton.jit
+def _stats_from_lse(
+    Q, K, LSE2, RECEIVED, WINDOW, ENT, SINK, MAXP, DIST, LOCAL,
+    stride_qh, stride_qt, stride_kh, stride_kt,
+    T_Q, T_K, Q_OFFSET, scale_log2, WINDOW_START,
+    GROUP: tl.constexpr, SINKS: tl.constexpr, LOCAL_W: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Given each row's log2-sum-exp, one query-stationary pass computes the row statistics
+    and adds column sums atomically (float atomics: sums agree to rounding, not bit for bit)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T_Q
+    q = tl.load(
+        Q + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    lse2 = tl.load(LSE2 + h * T_Q + offs_m, mask=row_ok, other=float("inf"))
+    qpos = offs_m + Q_OFFSET
+    in_window = (offs_m >= WINDOW_START) & row_ok
+    has_window = (pid_m + 1) * BLOCK_M > WINDOW_START
+    a_i = tl.zeros([BLOCK_M], tl.float32)
+    sink_i = tl.zeros([BLOCK_M], tl.float32)
+    dist_i = tl.zeros([BLOCK_M], tl.float32)
+    loc_i = tl.zeros([BLOCK_M], tl.float32)
+    mx_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    k_base = K + kvh * stride_kh
+    rec = RECEIVED + h * T_K
+    win = WINDOW + h * T_K
+    q_lo = Q_OFFSET + pid_m * BLOCK_M  # first query position of the block
+    hi = tl.minimum(T_K, q_lo + BLOCK_M)
+    full_end = q_lo // BLOCK_N * BLOCK_N  # blocks before this are fully visible to every row
+    near_start = tl.maximum(0, (q_lo - LOCAL_W) // BLOCK_N * BLOCK_N)
+    # first block: sinks live here (masked when it is also diagonal)
+    offs_n = tl.arange(0, BLOCK_N)
+    if has_window:
+        a_i, sink_i, dist_i, loc_i, mx_i = _stats_block(
+            q,
+            k_base,
+            offs_n,
+            qpos,
+            lse2,
+            scale_log2,
+            T_K,
+            SINKS,
+            LOCAL_W,
+            rec,
+            win,
+            in_window,
+            a_i,
+            sink_i,
+            dist_i,
+            loc_i,
+            mx_i,
+            offs_n.to(tl.float32),
+            stride_kt,
+            offs_d,
+            MASKED=True,
+            FIRST=True,
+            NEAR=True,
+            HAS_WINDOW=True,
+        )
+    else:
+        a_i, sink_i, dist_i, loc_i, mx_i = _stats_block(
+            q,
+            k_base,
+            offs_n,
+            qpos,
+            lse2,
+            scale_log2,
+            T_K,
+            SINKS,
+            LOCAL_W,
+            rec,
+            win,
+            in_window,
+            a_i,
+            sink_i,
+            dist_i,
+            loc_i,
+            mx_i,
+            offs_n.to(tl.float32),
+            stride_kt,
+            offs_d,
+            MASKED=True,
+            FIRST=True,
+            NEAR=True,
+            HAS_WINDOW=False,
+        )
+    # fully visible blocks far from the diagonal: no mask, no locality
+    for start_n in tl.range(BLOCK_N, tl.minimum(full_end, near_start), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if has_window:
+            a_i, sink_i, dist_i, loc_i, mx_i = _stats_block(
+                q,
+                k_base,
+                offs_n,
+                qpos,
+                lse2,
+                scale_log2,
+                T_K,
+                SINKS,
+                LOCAL_W,
+                rec,
+                win,
+                in_window,
+                a_i,
+                sink_i,
+                dist_i,
+                loc_i,
+                mx_i,
+                offs_n.to(tl.float32),
+                stride_kt,
+                offs_d,
+                MASKED=False,
+                FIRST=False,
+                NEAR=False,
+                HAS_WINDOW=True,
+            )
+        else:
+            a_i, sink_i, dist_i, loc_i, mx_i = _stats_block(
+                q,
+                k_base,
+                offs_n,
+                qpos,
+                lse2,
+                scale_log2,
+                T_K,
+                SINKS,
+                LOCAL_W,
+                rec,
+                win,
+                in_window,
+                a_i,
+                sink_i,
+                dist_i,
+                loc_i,
+                mx_i,
+                offs_n.to(tl.float32),
+                stride_kt,
+                offs_d,
+                MASKED=False,
+                FIRST=False,
+                NEAR=False,
+                HAS_WINDOW=False,
+            )
+    # blocks near or on the diagonal: masked, with locality
+    for start_n in tl.range(tl.maximum(BLOCK_N, tl.minimum(full_end, near_start)), hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if has_window:
+            a_i, sink_i, dist_i, loc_i, mx_i = _stats_block(
+                q,
+                k_base,
+                offs_n,
+                qpos,
+                lse2,
+                scale_log2,
+                T_K,
+                SINKS,
+                LOCAL_W,
+                rec,
+                win,
+                in_window,
+                a_i,
+                sink_i,
+                dist_i,
+                loc_i,
+                mx_i,
+                offs_n.to(tl.float32),
+                stride_kt,
+                offs_d,
+                MASKED=True,
+                FIRST=False,
+                NEAR=True,
+                HAS_WINDOW=True,
+            )
+        else:
+            a_i, sink_i, dist_i, loc_i, mx_i = _stats_block(
+                q,
+                k_base,
+                offs_n,
+                qpos,
+                lse2,
+                scale_log2,
+                T_K,
+                SINKS,
+                LOCAL_W,
+                rec,
+                win,
+                in_window,
+                a_i,
+                sink_i,
+                dist_i,
+                loc_i,
+                mx_i,
+                offs_n.to(tl.float32),
+                stride_kt,
+                offs_d,
+                MASKED=True,
+                FIRST=False,
+                NEAR=True,
+                HAS_WINDOW=False,
+            )
+    row = h * T_Q + offs_m
+    ln2 = 0.6931471805599453
+    tl.store(ENT + row, (lse2 - a_i) * ln2, mask=row_ok)
+    tl.store(SINK + row, sink_i, mask=row_ok)
+    tl.store(MAXP + row, tl.exp2(mx_i - lse2), mask=row_ok)
+    tl.store(DIST + row, qpos.to(tl.float32) - dist_i, mask=row_ok)
+    tl.store(LOCAL + row, loc_i, mask=row_ok)
+
+
+def _sdpa_with_lse(q, k, v, scale: float):
+    """Output and natural-log LSE from PyTorch's cuDNN (else flash) attention, or None."""
+    group = q.shape[0] // k.shape[0]
+    qb = q.unsqueeze(0)
+    kb = k.repeat_interleave(group, 0).unsqueeze(0)
+    vb = v.repeat_interleave(group, 0).unsqueeze(0)
+    try:
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            qb, kb, vb, None, True, 0.0, True, False, scale=scale
+        )
+        return out[0][0], out[1][0].reshape(q.shape[0], q.shape[1]).float()
+    except (RuntimeError, AttributeError, TypeError):
+        pass
+    try:
+        out = torch.ops.aten._scaled_dot_product_flash_attention(
+            qb, kb, vb, 0.0, True, False, scale=scale
+        )
+        return out[0][0], out[1][0].float()
+    except (RuntimeError, AttributeError, TypeError):
+        return None
+
+
+def attention_stats_fast(
+    q,
+    k,
+    v,
+    *,
+    scale: float,
+    window: int = 32,
+    sinks: int = 4,
+    local: int = 16,
+    sliding_window: int | None = None,
+    lse_source: str = "auto",
+    blocks: tuple[int, int, int, int] | None = None,
+):
+    """Output and LSE from SDPA's fused kernel (cuDNN/flash), then one Triton pass for every
+    statistic. Falls back to ``attention_stats_triton`` where SDPA cannot give the LSE
+    (sliding windows, queries that are not the whole sequence, the interpreter)."""
+    from kernels.attention_stats import AttentionStats
+
+    hq, tq, d = q.shape
+    hkv, tk, _ = k.shape
+    kwargs = {
+        "scale": scale,
+        "window": window,
+        "sinks": sinks,
+        "local": local,
+        "sliding_window": sliding_window,
+    }
+    got = None
+    if lse_source == "sdpa" or (
+        lse_source == "auto" and q.is_cuda and not sliding_window and tq == tk
+    ):
+        got = _sdpa_with_lse(q, k, v, scale)
+    if got is None:
+        if lse_source == "sdpa":
+            raise RuntimeError("SDPA did not return a log-sum-exp here")
+        out, st = attention_stats_triton(q, k, v, **kwargs)
+        if lse_source == "triton-forward":
+            return out, st
+        lse = st.lse
+    else:
+        out, lse = got
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    interpret = q.device.type != "cuda"
+    # (128, 64, 4 warps, 3 stages) measured fastest of 7 configs at 32k on an H100 (RESULTS.md)
+    block_m, block_n, warps, stages = (16, 16, 1, 1) if interpret else (128, 64, 4, 3)
+    if not interpret and d > 128:
+        block_m, block_n, warps, stages = 64, 32, 4, 2
+    if blocks is not None and not interpret:
+        block_m, block_n, warps, stages = blocks
+    f32 = {"device": q.device, "dtype": torch.float32}
+    received = torch.zeros(hq, tk, **f32)
+    win = torch.zeros(hq, tk, **f32)
+    ent, sink, maxp, dist, loc = (torch.empty(hq, tq, **f32) for _ in range(5))
+    lse2 = (lse * LOG2E).contiguous()
+    extra = {} if interpret else {"num_warps": warps, "num_stages": stages}
+    _stats_from_lse[(triton.cdiv(tq, block_m), hq)](
+        q, k, lse2, received, win, ent, sink, maxp, dist, loc,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        tq, tk, tk - tq, scale * LOG2E, max(0, tq - window),
+        GROUP=hq // hkv, SINKS=sinks, LOCAL_W=local, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, **extra,
+    )  # fmt: skip
+    stats = AttentionStats(
+        received=received,
+        window=win,
+        lse=lse,
+        entropy=ent,
+        sink_mass=sink,
+        max_prob=maxp,
+        mean_distance=dist,
+        local_mass=loc,
+    )
+    return out, stats
