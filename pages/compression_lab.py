@@ -57,7 +57,7 @@ def render() -> None:
         def run():
             from methods.evaluate import compare
 
-            model, tokenizer = state.model(st.session_state.get("probe_model", "smollm2-135m"))
+            model, tokenizer = state.model(st.session_state.get("model_name", "smollm2-135m"))
             bar = st.progress(0.0, text="full cache ...")
             done = {"n": 0}
 

@@ -28,6 +28,7 @@ def _run_probe(model_name: str, text: str, attention: str, generate: int) -> Non
     )
     bar.empty()
     state.set_trace(trace, f"{model_name}, {trace.n_tokens} tokens")
+    st.session_state["model_name"] = model_name
     st.success(
         f"probed {trace.n_tokens} tokens in {trace.timings['total_s']:.2f} s "
         f"(attention: {trace.settings['attention']})"
@@ -51,6 +52,7 @@ def render() -> None:
             def load():
                 t = Trace.load(state.safe_dump_path(name))
                 state.set_trace(t, f"dump {name}")
+                st.session_state["model_name"] = t.model.model_id
                 st.success(f"opened {name}: {t.n_tokens} tokens")
 
             state.guarded(load)

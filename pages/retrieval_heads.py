@@ -13,7 +13,7 @@ def render() -> None:
     lengths = c1.text_input("needle lengths (tokens)", "256,512", key="rh_lengths")
     depths = c2.text_input("depths", "0.2,0.8", key="rh_depths")
     seed = c3.number_input("seed", 0, 1000, 0, key="rh_seed")
-    model_name = st.session_state.get("probe_model", "smollm2-135m")
+    model_name = st.session_state.get("model_name", "smollm2-135m")
     if st.button("Detect retrieval heads", type="primary", key="rh_run"):
 
         def run():
