@@ -87,8 +87,10 @@ def main() -> None:
             )
             if label.startswith("warm"):
                 tokens = page.get_by_text("probed").inner_text()
-                times = []
+                rounds = []
                 for _ in range(2):
+                    times = []
+                    rounds.append(times)
                     for name in PAGES:
                         t0 = time.perf_counter()
                         page.get_by_role("link", name=name).click()
@@ -100,10 +102,14 @@ def main() -> None:
                             "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
                         )
                         times.append(time.perf_counter() - t0)
-                print(
-                    f"page switches on the cached trace ({tokens}): median {statistics.median(times):.2f} s, "
-                    f"max {max(times):.2f} s over {len(times)} switches (first visit of each page included)"
-                )
+                for what, times in zip(
+                    ("first visits (tables computed)", "repeat visits (cached)"), rounds
+                ):
+                    detail = ", ".join(f"{n} {t:.2f}" for n, t in zip(PAGES, times))
+                    print(
+                        f"page switches, {what}, {tokens}: median {statistics.median(times):.2f} s, "
+                        f"max {max(times):.2f} s ({detail})"
+                    )
             page.close()
             proc.terminate()
             proc.wait()
