@@ -300,8 +300,45 @@ def cmd_app(args) -> int:
     return subprocess.call(cmd)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gives one line (``kvlens: error: ...``) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"kvlens: error: {' '.join(message.split())}\n")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--port must be an integer, not '{text}'") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"--port must be in 1..65535, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, not '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {value}")
+    return value
+
+
+def _depth(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--depth must be a number, not '{text}'") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"--depth must be in [0, 1], got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvlens", description=__doc__)
+    parser = OneLineParser(prog="kvlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the embedded models and whether they are installed")
@@ -316,11 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv", action="store_true", help="do not record keys and values")
     p.add_argument("--layers", type=_layers_arg, help="comma-separated layers, e.g. 0,5,10")
     p.add_argument("--window", type=_positive_int, default=32, help="SnapKV window (queries)")
-    p.add_argument("--sinks", type=int, default=4, help="first positions counted as sinks")
+    p.add_argument(
+        "--sinks", type=_non_negative, default=4, help="first positions counted as sinks"
+    )
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument(
         "--generate",
-        type=int,
+        type=_non_negative,
         default=0,
         help="then decode N tokens greedily, recording each step's attention (for persistence)",
     )
@@ -349,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("app", help="start the web app")
-    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--port", type=_port, default=8501)
     p.add_argument("--address", default="127.0.0.1")
     p.set_defaults(func=cmd_app)
 
@@ -361,8 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt")
     p.add_argument("--prompt-file")
     p.add_argument("--task", choices=["niah", "multikey", "vartrack"])
-    p.add_argument("--length", type=_positive_int, default=1024, help="task length in tokens")
-    p.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1]")
+    p.add_argument(
+        "--length", type=_positive_int, default=1024, help="task length in tokens (>= 64)"
+    )
+    p.add_argument("--depth", type=_depth, default=0.5, help="needle depth in [0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--methods", default="full,streamingllm:budget=128,snapkv:budget=128,h2o:budget=128"

@@ -1,6 +1,12 @@
-"""Plotly figures from analysis tables: used by the app's pages and by saved reports alike."""
+"""Plotly figures from analysis tables: used by the app's pages and by saved reports alike.
+
+Plotly renders a subset of HTML in titles, labels and hover text, so every string that can
+come from a prompt, a token or a method spec passes through ``esc`` first.
+"""
 
 from __future__ import annotations
+
+import html
 
 import plotly.graph_objects as go
 import polars as pl
@@ -8,8 +14,13 @@ import polars as pl
 LAYOUT = {"margin": {"l": 50, "r": 20, "t": 50, "b": 40}, "height": 420}
 
 
+def esc(text: object) -> str:
+    """Text shown by plotly, HTML-escaped (plotly shows the entities as the characters)."""
+    return html.escape(str(text))
+
+
 def _title(fig: go.Figure, title: str) -> go.Figure:
-    fig.update_layout(title=title, **LAYOUT)
+    fig.update_layout(title=esc(title), **LAYOUT)
     return fig
 
 
@@ -40,7 +51,7 @@ def layer_head_heatmap(
 
 def attention_map(probs, tokens: list[str], title: str) -> go.Figure:
     """One head's T x T attention probabilities, token text on hover."""
-    labels = [f"{i}: {t!r}" for i, t in enumerate(tokens)]
+    labels = [esc(f"{i}: {t!r}") for i, t in enumerate(tokens)]
     fig = go.Figure(
         go.Heatmap(
             z=probs,
@@ -79,7 +90,7 @@ def token_scores(
             x=positions,
             y=scores,
             marker_color=colours,
-            customdata=[repr(tokens[p]) for p in positions],
+            customdata=[esc(repr(tokens[p])) for p in positions],
             hovertemplate="position %{x}: %{customdata}<br>%{y:.4f}<extra></extra>",
         )
     )
@@ -169,7 +180,7 @@ def umap_scatter(df: pl.DataFrame, title: str) -> go.Figure:
                 "size": 9 if heavy[0] else 5,
                 "symbol": "diamond" if heavy[0] else "circle",
             },
-            customdata=[f"{p}: {t!r}" for p, t in zip(part["position"], part["token"])],
+            customdata=[esc(f"{p}: {t!r}") for p, t in zip(part["position"], part["token"])],
             hovertemplate="%{customdata}<extra></extra>",
         )
     return _title(fig, title)
@@ -178,7 +189,7 @@ def umap_scatter(df: pl.DataFrame, title: str) -> go.Figure:
 def kl_curves(results: list[dict], title: str) -> go.Figure:
     fig = go.Figure()
     for r in results:
-        fig.add_scatter(y=r["kl_per_step"], mode="lines+markers", name=r["spec"])
+        fig.add_scatter(y=r["kl_per_step"], mode="lines+markers", name=esc(r["spec"]))
     fig.update_xaxes(title="generated token")
     fig.update_yaxes(title="KL(full || method)")
     return _title(fig, title)
@@ -190,9 +201,9 @@ def memory_quality(results: list[dict], title: str) -> go.Figure:
             x=[100 * r["bytes_ratio"] for r in results],
             y=[r["kl_mean"] for r in results],
             mode="markers+text",
-            text=[r["spec"].split(":")[0] for r in results],
+            text=[esc(r["spec"].split(":")[0]) for r in results],
             textposition="top center",
-            customdata=[r["spec"] for r in results],
+            customdata=[esc(r["spec"]) for r in results],
             hovertemplate="%{customdata}<br>%{x:.1f}% of full bytes<br>KL %{y:.4f}<extra></extra>",
         )
     )

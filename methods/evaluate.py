@@ -24,6 +24,7 @@ from methods.registry import create, split_specs
 from probes.capture import check_length
 from probes.errors import KvlensError
 from probes.models import model_facts
+from probes.resources import check_fits
 
 
 @dataclass
@@ -87,7 +88,23 @@ def _nll(logits: list[torch.Tensor], tokens: list[int]) -> float:
     return float(-lp.mean())
 
 
-def compare(
+def compare(model, tokenizer, prompt_ids, specs, **kwargs) -> Comparison:
+    """Compare ``full`` and every method spec on one prompt; see the module docstring.
+
+    Keyword arguments: ``max_new_tokens`` (default 32), ``answers``, ``score`` (a function
+    of the generated text), ``continuation`` (held-out text for perplexity), ``progress``.
+    Running out of memory ends in one KvlensError line.
+    """
+    try:
+        return _compare(model, tokenizer, prompt_ids, specs, **kwargs)
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise KvlensError(
+            f"out of memory while comparing ({exc.__class__.__name__}); "
+            "try a shorter prompt or fewer new tokens"
+        ) from None
+
+
+def _compare(
     model,
     tokenizer,
     prompt_ids: list[int],
@@ -99,7 +116,6 @@ def compare(
     continuation: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Comparison:
-    """Compare ``full`` and every method spec on one prompt; see the module docstring."""
     if isinstance(specs, str):
         specs = split_specs(specs)
     methods = [(s, create(s)) for s in specs]  # validate every spec before any work
@@ -110,6 +126,16 @@ def compare(
     if n_prompt == 0:
         raise KvlensError("the prompt is empty; give some text")
     check_length(n_prompt + max_new_tokens, facts.max_positions)
+    n_total = n_prompt + max_new_tokens
+    kv_bytes = full_cache_nbytes(model, n_total)
+    activations = 16 * n_prompt * getattr(model.config, "hidden_size", 1024) * 4 * 4
+    # the full cache, its continuation copy, and up to three copies of one method's cache
+    check_fits(
+        5 * kv_bytes + activations,
+        model.device,
+        f"comparing on {n_prompt} tokens",
+        "try a shorter prompt or fewer new tokens",
+    )
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     cont_ids = None
     if continuation:

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from probes.attention import Recorder, recording
 from probes.errors import KvlensError
 from probes.models import model_facts
+from probes.resources import check_fits, estimate_probe_bytes
 from probes.trace import (
     KEY_STATS_SCHEMA,
     QUERY_STATS_SCHEMA,
@@ -116,6 +117,22 @@ def capture(
     map_bytes = n_rec_layers * facts.n_heads * n * n * 2
     if attention == "auto":
         attention = "full" if n <= AUTO_FULL_MAX_TOKENS and map_bytes <= max_map_bytes else "stats"
+    device = next(model.parameters()).device
+    need = estimate_probe_bytes(
+        facts,
+        n,
+        attention=attention,
+        kv=kv,
+        n_layers=n_rec_layers,
+        generate=generate,
+        hidden=getattr(model.config, "hidden_size", None),
+    )
+    suggestion = (
+        "try --attention stats instead of full maps, fewer --layers or a shorter prompt"
+        if attention == "full"
+        else "try fewer --layers, --no-kv or a shorter prompt"
+    )
+    check_fits(need, device, f"probing {n} tokens", suggestion)
     rec = Recorder(
         layers=chosen,
         kv=kv,
@@ -125,7 +142,6 @@ def capture(
         sinks=sinks,
         on_layer=progress,
     )
-    device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     t_forward = time.perf_counter()
     generated: list[int] = []
@@ -147,10 +163,17 @@ def capture(
                 out = model(input_ids=step_ids, past_key_values=cache, use_cache=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the forward time must include the kernels
-    except torch.OutOfMemoryError as exc:
+    except (torch.OutOfMemoryError, MemoryError) as exc:
         raise KvlensError(
             f"out of memory probing {n} tokens ({exc.__class__.__name__}); try --attention stats, "
             "fewer --layers or a shorter prompt"
+        ) from None
+    except RuntimeError as exc:
+        if "memory" not in str(exc).lower():
+            raise
+        raise KvlensError(
+            f"out of memory probing {n} tokens; "
+            "try --attention stats, fewer --layers or a shorter prompt"
         ) from None
     forward_s = time.perf_counter() - t_forward
     t_tables = time.perf_counter()

@@ -142,19 +142,67 @@ def read_manifest(folder: str | Path) -> dict:
 
 
 def read_dump(folder: str | Path) -> Trace:
-    """Load a dump, checking it against its manifest; raises DumpError naming any problem."""
+    """Load a dump, checking it against its manifest; raises DumpError naming any problem.
+
+    Whatever a damaged or hostile folder holds, the result is a Trace or one DumpError line:
+    any unexpected failure while reading is reported as a malformed dump.
+    """
     folder = Path(folder)
-    manifest = read_manifest(folder)
     try:
-        facts = ModelFacts.from_json(manifest["model"])
+        return _read_dump(folder)
+    except (DumpError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:
+        raise _fail(folder, f"is malformed ({exc.__class__.__name__})") from None
+
+
+INT_FACTS = ("n_layers", "n_heads", "n_kv_heads", "head_dim", "max_positions", "vocab_size")
+
+
+def _read_facts(folder: Path, data: dict) -> ModelFacts:
+    try:
+        facts = ModelFacts.from_json(data)
     except (TypeError, ValueError) as exc:
-        raise _fail(folder, f"manifest model facts are malformed ({exc})") from None
+        raise _fail(
+            folder, f"manifest model facts are malformed ({exc.__class__.__name__})"
+        ) from None
+    for name in INT_FACTS:
+        value = getattr(facts, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value > 10**7:
+            raise _fail(folder, f"manifest model fact '{name}' is not a sensible count")
+    if facts.n_layers < 1 or facts.n_heads < 1 or facts.n_kv_heads < 1 or facts.head_dim < 1:
+        raise _fail(folder, "manifest model facts must have at least one layer, head and channel")
+    return facts
+
+
+def _read_dump(folder: Path) -> Trace:
+    manifest = read_manifest(folder)
+    facts = _read_facts(folder, manifest["model"])
+    if not all(isinstance(t, str) for t in manifest["tokens"]):
+        raise _fail(folder, "manifest tokens are not all strings")
     n_tokens = len(manifest["token_ids"])
     tensors = _read_tensors(folder, manifest, facts, n_tokens)
     tables = {}
     for attr, (filename, schema) in TABLES.items():
         spec = manifest["tables"].get(attr)
         tables[attr] = None if spec is None else _read_table(folder, filename, spec, schema)
+    for attr in ("key_stats", "query_stats", "step_stats"):
+        df = tables[attr]
+        if (
+            df is not None
+            and df.height
+            and (
+                df["layer"].min() < 0
+                or df["layer"].max() >= facts.n_layers
+                or df["head"].min() < 0
+                or df["head"].max() >= facts.n_heads
+                or df["position"].min() < 0
+                or df["position"].max() >= n_tokens
+            )
+        ):
+            raise _fail(
+                folder, f"{TABLES[attr][0]} holds layers, heads or positions the model lacks"
+            )
     return Trace(
         model=facts,
         prompt=manifest["prompt"],
