@@ -171,9 +171,36 @@ def cmd_compare(args) -> int:
             f"{_one_line(r.spec, 34):<34} {r.kl_mean:>8.4f} {r.kl_max:>7.3f} {r.top1:>6.2f} "
             f"{r.ppl:>7.2f} {acc:>5} {r.bytes_ratio:>6.1%} {r.time_s:>7.2f}  {text!r}"
         )
+    xrays = []
+    if args.xray:
+        from methods.xray import xray
+
+        for spec in specs:
+            if spec.strip().lower() == "full":
+                continue
+            x = xray(model, tokenizer, ids, spec, max_new_tokens=max(2, args.max_new_tokens))
+            xrays.append(x.to_json())
+            if x.first_divergence is None:
+                where = "never diverges from the full cache"
+            else:
+                i = x.first_divergence
+                ref = tokenizer.decode([x.reference[i]])
+                got = tokenizer.decode([x.generated[i]])
+                where = f"first differs at generated token {i} ({ref!r} vs {got!r})"
+            heads = ", ".join(
+                f"L{r['layer']}H{r['head']} {r['dropped_mass']:.2f}"
+                for r in x.culprit_heads.iter_rows(named=True)
+            )
+            mean_drop = x.dropped["dropped_mass"].mean() if x.dropped.height else 0.0
+            print(
+                f"xray {_one_line(x.spec, 40)}: {where}; mean dropped attention {mean_drop:.3f}"
+                + (f"; most dropped there: {heads}" if heads else "")
+            )
     if args.json:
         data = result.to_json()
         data["settings"]["task"] = task.settings if task else None
+        if xrays:
+            data["xray"] = xrays
         Path(args.json).write_text(json.dumps(data, indent=1, ensure_ascii=False))
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
@@ -413,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write everything the table shows, plus settings, here")
+    p.add_argument(
+        "--xray",
+        action="store_true",
+        help="also X-ray each method: kept/evicted tokens, dropped attention, first divergence",
+    )
     p.set_defaults(func=cmd_compare)
     return parser
 

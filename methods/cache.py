@@ -11,7 +11,9 @@ to kvlens' attention function (``probes.attention.hand_over``), which calls ``at
 the new tokens are appended, attention is computed over the stored tokens (exact, with the
 statistics the method asks for), and the method compresses the store from the
 ``Observation``. ``get_seq_length`` reports the tokens *seen*, so RoPE positions stay right
-after eviction. Batch size 1.
+after eviction. Only the first multi-token call is the method's prefill: later chunks (a
+question appended to a compressed context) are treated like decoding steps, as in serving.
+Batch size 1.
 """
 
 from __future__ import annotations
@@ -94,6 +96,11 @@ class CompressedLayer(CacheLayerMixin):
         self.n_layers = n_layers
         self.store: HeadStore | None = None
         self.n_seen = 0
+        self.prefilled = False
+        #: X-ray log, one entry per attention call: (tokens seen after the call, query count,
+        #: positions each KV head's queries attended over, positions kept after compression)
+        self.history: list[tuple[int, int, list[torch.Tensor], list[torch.Tensor]]] = []
+        self.record_history = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -155,10 +162,11 @@ class CompressedLayer(CacheLayerMixin):
             last.append(st.received if tq == 1 else _last_row(q_h[:, -1], store.keys[h], scale))
             window_queries.append(q_h[:, -window:])
         self.n_seen += tq
+        attended = [p.to(torch.int64).cpu() for p in store.positions] if self.record_history else []
         obs = Observation(
             layer=self.layer_idx,
             n_layers=self.n_layers,
-            prefill=tq > 1,
+            prefill=not self.prefilled and tq > 1,
             n_queries=tq,
             n_seen=self.n_seen,
             scale=scale,
@@ -170,6 +178,10 @@ class CompressedLayer(CacheLayerMixin):
             window_queries=window_queries,
         )
         self.method.compress(store, obs)
+        self.prefilled = True
+        if self.record_history:
+            kept = [p.to(torch.int64).cpu() for p in store.positions]
+            self.history.append((self.n_seen, tq, attended, kept))
         return out
 
 
@@ -194,6 +206,11 @@ class CompressedCache(Cache):
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def record_xray(self, on: bool = True) -> None:
+        """Log, per layer and call, which positions were attended over and which were kept."""
+        for layer in self.layers:
+            layer.record_history = on
 
     def kept_positions(self, layer: int) -> list[torch.Tensor]:
         """Per KV head, the positions the layer holds now."""

@@ -88,12 +88,14 @@ def capture(
     chat: bool = False,
     max_map_bytes: int = DEFAULT_MAX_MAP_BYTES,
     generate: int = 0,
+    forced: Sequence[int] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Trace:
     """Run the prompt through ``model`` once and return what was recorded as a Trace.
 
     ``generate=M`` then decodes M tokens greedily, recording each step's attention row
-    (``step_stats``) and extending keys/values over the generated tokens.
+    (``step_stats``) and extending keys/values over the generated tokens. ``forced`` feeds
+    these tokens instead of the greedy ones (teacher forcing; ``generate`` becomes their count).
     ``progress`` is called with the layer index as each layer's attention finishes
     (``n_layers * (1 + generate)`` calls in all).
     """
@@ -106,6 +108,9 @@ def capture(
         raise KvlensError(f"window must be >= 1 (the last W queries), got {window}")
     if sinks < 0:
         raise KvlensError(f"sinks must be >= 0, got {sinks}")
+    if forced is not None:
+        forced = [int(t) for t in forced]
+        generate = len(forced)
     if generate < 0:
         raise KvlensError(f"generate must be >= 0 tokens, got {generate}")
     facts = model_facts(model)
@@ -156,7 +161,7 @@ def capture(
             )
             rec.phase = "decode"
             for step in range(1, generate + 1):
-                token = int(out.logits[0, -1].argmax())
+                token = forced[step - 1] if forced else int(out.logits[0, -1].argmax())
                 generated.append(token)
                 rec.step = step
                 step_ids = torch.tensor([[token]], device=device)
