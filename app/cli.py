@@ -364,6 +364,70 @@ def _depth(text: str) -> float:
     return value
 
 
+def cmd_ask(args) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from methods.ask import answers_to_json, ask
+    from methods.registry import create, split_specs
+    from probes import load_model
+    from probes.tasks import make_qa_task
+
+    specs = split_specs(args.methods)
+    for spec in specs:
+        create(spec)
+    if args.task is None and args.context_file is None:
+        raise KvlensError("give --context-file with --question (repeatable), or --task multikey")
+    if args.task is not None and (args.context_file or args.question):
+        raise KvlensError("give either --task or --context-file/--question, not both")
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model, device=args.device)
+    gold = None
+    if args.task:
+        task = make_qa_task(args.length, tokenizer, n_keys=args.keys, seed=args.seed)
+        context, questions, gold = task.context, task.questions, task.answers
+    else:
+        path = Path(args.context_file)
+        if not path.is_file():
+            raise KvlensError(f"--context-file {path}: no such file")
+        context = path.read_text(encoding="utf-8", errors="replace")
+        questions = [f"\n\nQuestion: {q}\nAnswer:" for q in args.question or []]
+        if not questions:
+            raise KvlensError("give at least one --question")
+    rows = []
+    modes = [False, True] if args.both else [args.question_aware]
+    with tqdm(total=len(specs) * len(modes), desc="ask", unit="method", file=sys.stderr) as bar:
+        for aware in modes:
+            rows += ask(
+                model,
+                tokenizer,
+                context,
+                questions,
+                specs,
+                answers=gold,
+                max_new_tokens=args.max_new_tokens,
+                question_aware=aware,
+                progress=lambda _s: bar.update(1),
+            )
+    print(f"{'method':<34} {'mode':<6} {'q':>2} {'=full':>5} {'right':>5}  answer")
+    for r in rows:
+        right = "-" if r.correct is None else ("yes" if r.correct else "no")
+        same = "yes" if r.agrees_with_full else "no"
+        print(
+            f"{_one_line(r.spec, 34):<34} {r.mode:<6} {r.question:>2} {same:>5} {right:>5}  "
+            f"{_one_line(r.text, 50)!r}"
+        )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {"questions": questions, "answers": gold, "results": answers_to_json(rows)},
+                indent=1,
+            )
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="kvlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -407,6 +471,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="parquet file to write")
     p.set_defaults(func=cmd_retrieval_heads)
+
+    p = sub.add_parser("ask", help="compress a context once, then answer several questions from it")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--context-file")
+    p.add_argument("--question", action="append", help="a question (repeat the flag for more)")
+    p.add_argument(
+        "--task", choices=["multikey"], help="a generated context with one question per key"
+    )
+    p.add_argument("--length", type=_positive_int, default=1024)
+    p.add_argument("--keys", type=_positive_int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default="full,snapkv:budget=128,streamingllm:budget=128")
+    p.add_argument(
+        "--question-aware",
+        action="store_true",
+        help="compress context + question together, once per question",
+    )
+    p.add_argument("--both", action="store_true", help="run question-agnostic and question-aware")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=12)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("report", help="write a self-contained HTML report of a dump")
     p.add_argument("dump")

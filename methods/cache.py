@@ -97,6 +97,7 @@ class CompressedLayer(CacheLayerMixin):
         self.store: HeadStore | None = None
         self.n_seen = 0
         self.prefilled = False
+        self.prefill_compressions = 0
         #: X-ray log, one entry per attention call: (tokens seen after the call, query count,
         #: positions each KV head's queries attended over, positions kept after compression)
         self.history: list[tuple[int, int, list[torch.Tensor], list[torch.Tensor]]] = []
@@ -178,6 +179,7 @@ class CompressedLayer(CacheLayerMixin):
             window_queries=window_queries,
         )
         self.method.compress(store, obs)
+        self.prefill_compressions += int(obs.prefill)
         self.prefilled = True
         if self.record_history:
             kept = [p.to(torch.int64).cpu() for p in store.positions]
@@ -206,6 +208,10 @@ class CompressedCache(Cache):
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def prefill_compressions(self) -> int:
+        """How many times any layer compressed a prefill (one per layer per compression)."""
+        return sum(layer.prefill_compressions for layer in self.layers)
 
     def record_xray(self, on: bool = True) -> None:
         """Log, per layer and call, which positions were attended over and which were kept."""

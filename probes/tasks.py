@@ -198,3 +198,42 @@ def needle_token_positions(tokenizer, prompt: str, needle_text: str) -> list[int
     end = start + len(needle_text)
     enc = tokenizer(prompt, return_offsets_mapping=True)
     return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > start and a < end and b > a]
+
+
+@dataclass
+class QATask:
+    """One context and several questions about it, each with its gold answer."""
+
+    context: str
+    questions: list[str]
+    answers: list[str]
+    settings: dict = field(default_factory=dict)
+
+
+def make_qa_task(n_tokens: int, tokenizer, *, n_keys: int = 4, seed: int = 0) -> QATask:
+    """A haystack holding ``n_keys`` magic-number needles, and one question per needle."""
+    if n_tokens < 64:
+        raise KvlensError(f"task length must be >= 64 tokens, got {n_tokens}")
+    if not 1 <= n_keys <= len(_KEYS):
+        raise KvlensError(f"n_keys must be in 1..{len(_KEYS)}, got {n_keys}")
+    rng = random.Random(f"qa-{n_tokens}-{n_keys}-{seed}")
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    keys = rng.sample(_KEYS, n_keys)
+    numbers = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
+    needles = [
+        (rng.random(), f"The special magic number for {k} is {v}.") for k, v in zip(keys, numbers)
+    ]
+    context = "Read the text and remember the special magic numbers.\n\n" + _haystack(
+        rng, n_tokens, count, needles
+    )
+    questions = [
+        f"\n\nQuestion: What is the special magic number for {k}?\n"
+        f"Answer: The special magic number for {k} is"
+        for k in keys
+    ]
+    return QATask(
+        context, questions, numbers, {"n_tokens": n_tokens, "n_keys": n_keys, "seed": seed}
+    )
