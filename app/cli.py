@@ -428,6 +428,37 @@ def cmd_ask(args) -> int:
     return 0
 
 
+def cmd_heads(args) -> int:
+    from tqdm import tqdm
+
+    from analysis.head_profiles import type_shares
+    from app.jobs import head_profile
+    from probes import load_model
+
+    lengths = [int(x) for x in _float_list(args.lengths, "--lengths")]
+    if not lengths or min(lengths) < 64:
+        raise KvlensError(f"--lengths must be token counts >= 64, got {args.lengths}")
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model, device=args.device)
+    with tqdm(total=len(lengths) * 3 + 2, desc="heads", unit="probe", file=sys.stderr) as bar:
+        profile = head_profile(
+            model,
+            tokenizer,
+            lengths,
+            seed=args.seed,
+            progress=lambda name: (bar.set_postfix_str(name), bar.update(1)),
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    profile.write_parquet(out)
+    shares = ", ".join(
+        f"{r['type']} {r['len']}" for r in type_shares(profile).iter_rows(named=True)
+    )
+    print(f"{profile['model'][0]}: {profile.height} heads; types: {shares}")
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="kvlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -493,6 +524,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json")
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser(
+        "heads", help="write a model's head profile (retrieval, echo, induction, sink, ...)"
+    )
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--lengths", default="512,1024")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_heads)
 
     p = sub.add_parser("report", help="write a self-contained HTML report of a dump")
     p.add_argument("dump")

@@ -55,3 +55,24 @@ def find_retrieval_heads(
         .with_columns(pl.col("retrieval").fill_null(0.0))
         .sort("layer", "head")
     )
+
+
+def head_profile(
+    model,
+    tokenizer,
+    lengths=(512, 1024),
+    depths=(0.2, 0.5, 0.8),
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> pl.DataFrame:
+    """The model's head profile: retrieval/echo/induction scores plus measures from a probe."""
+    from analysis.head_profiles import build_profile
+
+    scores = find_retrieval_heads(
+        model, tokenizer, list(lengths), list(depths), seed=seed, progress=progress
+    )
+    if progress:
+        progress("statistics probe")
+    task = make_task("niah", max(lengths), tokenizer, depth=0.5, seed=seed + 1)
+    trace = capture(model, tokenizer, task.prompt, attention="stats", kv=False)
+    return build_profile(trace, scores)

@@ -84,6 +84,7 @@ def render() -> None:
     comparison = st.session_state.get("comparison")
     if not comparison:
         return
+    specs = [r["spec"] for r in comparison["results"]]
     results = comparison["results"]
     full = next(r for r in results if r["spec"] == "full")
     st.subheader("Outputs")
@@ -130,4 +131,84 @@ def render() -> None:
         r = next(x for x in methods if x["spec"] == pick)
         st.plotly_chart(
             figures.kept_heatmap(r, "tokens kept per layer and KV head"), key="lab_kept_fig"
+        )
+    _xray_section(trace, specs)
+
+
+def _token_strip(tokens: list[str], kept: set[int], limit: int = 1500) -> str:
+    """The prompt as coloured spans: kept tokens green, evicted red (text escaped)."""
+    spans = []
+    for i, tok in enumerate(tokens[:limit]):
+        colour = "#c8f7c5" if i in kept else "#f7c5c5"
+        spans.append(f'<span title="{i}" style="background:{colour}">{html.escape(tok)}</span>')
+    more = f" … ({len(tokens) - limit} more)" if len(tokens) > limit else ""
+    return '<div class="kvlens-strip" style="line-height:1.8">' + "".join(spans) + more + "</div>"
+
+
+def _xray_section(trace, specs: list[str]) -> None:
+    st.subheader("X-ray")
+    methods = [s for s in specs if s != "full"]
+    if not methods:
+        return
+    spec = st.selectbox("X-ray of", methods, key="xray_spec")
+    if st.button("Run X-ray", key="xray_run"):
+
+        def run():
+            from methods.xray import xray
+
+            model, tokenizer = state.model(st.session_state.get("model_name", "smollm2-135m"))
+            with st.spinner("teacher-forcing the method and probing the full model ..."):
+                st.session_state["xray"] = xray(
+                    model,
+                    tokenizer,
+                    trace.token_ids[: trace.n_prompt_tokens],
+                    spec,
+                    max_new_tokens=st.session_state.get("lab_new", 24),
+                )
+
+        state.guarded(run)
+    x = st.session_state.get("xray")
+    if x is None:
+        return
+    import polars as pl
+
+    if x.first_divergence is None:
+        st.write(f"**{html.escape(x.spec)}** never diverged from the full cache.")
+    else:
+        st.write(
+            f"**{html.escape(x.spec)}** first differs at generated token {x.first_divergence}; "
+            "heads that lost the most attention there:"
+        )
+        st.dataframe(x.culprit_heads, hide_index=True)
+    mean = x.dropped.group_by("layer", "head").agg(pl.col("dropped_mass").mean())
+    st.plotly_chart(
+        figures.layer_head_heatmap(
+            mean, "dropped_mass", "attention mass on evicted tokens (mean over steps)"
+        ),
+        key="xray_dropped",
+    )
+    c1, c2 = st.columns(2)
+    layer = c1.number_input("layer", 0, trace.model.n_layers - 1, 0, key="xray_layer")
+    kv_head = c2.number_input("KV head", 0, trace.model.n_kv_heads - 1, 0, key="xray_head")
+    row = x.kept.filter(step=0, layer=int(layer), kv_head=int(kv_head))
+    kept = set(row["positions"][0].to_list()) if row.height else set()
+    n = trace.n_prompt_tokens
+    st.caption(f"kept after prefill: {len(kept)} of {n} prompt tokens (green kept, red evicted)")
+    st.markdown(_token_strip(trace.tokens[:n], kept), unsafe_allow_html=True)
+    if trace.key_stats is not None:
+        scores = (
+            trace.key_stats.filter(layer=int(layer), kv_head=int(kv_head))
+            .group_by("position")
+            .agg(pl.col("received_norm").mean())
+            .sort("position")
+        )
+        st.plotly_chart(
+            figures.token_scores(
+                scores["position"].to_list(),
+                trace.tokens,
+                scores["received_norm"].to_list(),
+                "heavy hitters of this KV head; kept tokens in red",
+                highlight=kept,
+            ),
+            key="xray_hh",
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import polars as pl
 import streamlit as st
 
 from app import figures, state
@@ -43,11 +44,59 @@ def render() -> None:
     scores = st.session_state.get("retrieval")
     if scores is None:
         st.info("run the detection to see scores")
+    else:
+        measure = st.radio(
+            "score", ["retrieval", "echo", "induction"], horizontal=True, key="rh_measure"
+        )
+        st.plotly_chart(
+            figures.layer_head_heatmap(scores, measure, f"{measure} score per head"), key="rh_map"
+        )
+        st.dataframe(scores.sort(measure, descending=True).head(10), hide_index=True)
+    _profiles_section()
+
+
+def _profiles_section() -> None:
+    from analysis.head_profiles import MEASURES, compare_profiles, read_profile, type_shares
+
+    st.header("Head profiles")
+    folder = state.DUMPS / "profiles"
+    model_name = st.session_state.get("model_name", "smollm2-135m")
+    if st.button(f"Compute and save the profile of {model_name}", key="hp_make"):
+
+        def make():
+            from app.jobs import head_profile
+
+            model, tokenizer = state.model(model_name)
+            with st.spinner("probing needles, repeated tokens and statistics ..."):
+                profile = head_profile(model, tokenizer, (256, 512))
+            folder.mkdir(parents=True, exist_ok=True)
+            path = state.safe_dump_path("profiles") / f"{model_name.replace('/', '_')}.parquet"
+            profile.write_parquet(path)
+            st.success(f"saved {path.name}")
+
+        state.guarded(make)
+    files = sorted(p.name for p in folder.glob("*.parquet")) if folder.is_dir() else []
+    if not files:
+        st.caption(
+            "no profiles yet: save one here, or with "
+            "`kvlens heads --out cache_dumps/profiles/NAME.parquet`"
+        )
         return
-    measure = st.radio(
-        "score", ["retrieval", "echo", "induction"], horizontal=True, key="rh_measure"
-    )
-    st.plotly_chart(
-        figures.layer_head_heatmap(scores, measure, f"{measure} score per head"), key="rh_map"
-    )
-    st.dataframe(scores.sort(measure, descending=True).head(10), hide_index=True)
+    c1, c2 = st.columns(2)
+    a_name = c1.selectbox("profile A", files, key="hp_a")
+    b_name = c2.selectbox("profile B", files, index=min(1, len(files) - 1), key="hp_b")
+
+    def show():
+        a, b = read_profile(folder / a_name), read_profile(folder / b_name)
+        st.dataframe(type_shares(pl.concat([a, b], how="vertical_relaxed")), hide_index=True)
+        measure = st.radio("measure", list(MEASURES), horizontal=True, key="hp_measure")
+        left, right = st.columns(2)
+        left.plotly_chart(
+            figures.layer_head_heatmap(a, measure, f"{a['model'][0]}: {measure}"), key="hp_left"
+        )
+        right.plotly_chart(
+            figures.layer_head_heatmap(b, measure, f"{b['model'][0]}: {measure}"), key="hp_right"
+        )
+        st.dataframe(compare_profiles(a, b), hide_index=True)
+
+    state.guarded(show)

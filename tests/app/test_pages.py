@@ -55,3 +55,27 @@ def test_dump_names_cannot_escape_the_dump_folder():
         with pytest.raises(KvlensError):
             safe_dump_path(bad)
     assert safe_dump_path("good-name_1").name == "good-name_1"
+
+
+def test_compression_lab_runs_a_comparison_and_an_xray(trace):
+    at = AppTest.from_string(
+        "from pages import compression_lab\ncompression_lab.render()\n", default_timeout=300
+    )
+    at.session_state["trace"] = trace
+    at.session_state["tables"] = {}
+    at.run()
+    at.multiselect(key="lab_methods").set_value(["streamingllm"])
+    at.run()
+    at.number_input(key="lab_0_streamingllm_budget").set_value(24)
+    at.slider(key="lab_new").set_value(4)
+    at.button(key="lab_run").click().run()
+    assert not at.exception and not at.error
+    assert at.session_state["comparison"]["results"][1]["spec"] == "streamingllm:budget=24,sinks=4"
+    at.button(key="xray_run").click().run()
+    assert not at.exception and not at.error
+    x = at.session_state["xray"]
+    assert x.kept.filter(step=0)["n_kept"].max() == 24
+    strips = [m.value for m in at.markdown if "kvlens-strip" in m.value]
+    assert (
+        strips and strips[0].count("#f7c5c5") == trace.n_prompt_tokens - 24
+    )  # evicted tokens in red
