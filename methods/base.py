@@ -71,6 +71,12 @@ class Method:
         """How many of a call's last queries the ``window`` statistic should cover."""
         return 1
 
+    def new_store(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+        """The storage this method's layers keep (default: per-head full-precision tokens)."""
+        from methods.cache import HeadStore
+
+        return HeadStore(n_kv_heads, head_dim, dtype, device)
+
     def compress(self, store, obs: Observation) -> None:
         """Change ``store`` (a ``methods.cache.HeadStore``) after one attention call."""
         raise NotImplementedError

@@ -105,7 +105,9 @@ class CompressedLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.store = HeadStore(key_states.shape[1], key_states.shape[-1], self.dtype, self.device)
+        self.store = self.method.new_store(
+            key_states.shape[1], key_states.shape[-1], self.dtype, self.device
+        )
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
