@@ -140,6 +140,7 @@ class CompressedLayer(CacheLayerMixin):
         window = max(1, min(tq, self.method.observation_window()))
         out = torch.empty_like(query)
         received, win, last, window_queries = [], [], [], []
+        all_keys, all_values = store.keys, store.values  # read once: some stores decode on read
         for h in range(store.n_heads):
             q_h = query[0, h * group : (h + 1) * group]  # [G, Tq, D]
             pos = store.positions[h].to(torch.int64)
@@ -152,8 +153,8 @@ class CompressedLayer(CacheLayerMixin):
                 mask = allowed
             o, st = attention_stats_reference(
                 q_h,
-                store.keys[h][None],
-                store.values[h][None],
+                all_keys[h][None],
+                all_values[h][None],
                 scale=scale,
                 window=window,
                 sliding_window=sliding_window if contiguous else None,
@@ -162,7 +163,7 @@ class CompressedLayer(CacheLayerMixin):
             out[0, h * group : (h + 1) * group] = o
             received.append(st.received)
             win.append(st.window)
-            last.append(st.received if tq == 1 else _last_row(q_h[:, -1], store.keys[h], scale))
+            last.append(st.received if tq == 1 else _last_row(q_h[:, -1], all_keys[h], scale))
             window_queries.append(q_h[:, -window:])
         self.n_seen += tq
         attended = [p.to(torch.int64).cpu() for p in store.positions] if self.record_history else []
@@ -174,7 +175,7 @@ class CompressedLayer(CacheLayerMixin):
             n_seen=self.n_seen,
             scale=scale,
             positions=[p.to(torch.int64) for p in store.positions],
-            keys=store.keys,
+            keys=all_keys,
             received=received,
             window=win,
             last=last,

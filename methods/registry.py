@@ -26,6 +26,7 @@ def register(cls: type[Method]) -> type[Method]:
 
 def _load_all() -> None:
     import methods.eviction  # noqa: F401  (registers the eviction family)
+    import methods.lowrank  # noqa: F401
     import methods.quantization  # noqa: F401
 
 

@@ -1,0 +1,94 @@
+"""A store whose prompt part is re-encoded once after prefill (low rank, pruned channels,
+merged layers, mixed precision, ...) while later tokens stay in full precision.
+
+Before ``encode`` it behaves exactly like ``HeadStore``. ``encode(h, encoding)`` replaces head
+h's current tokens with an ``Encoding``: any object that can rebuild keys, values and
+positions and counts the bytes it holds. Tokens appended afterwards form a full-precision tail.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from methods.cache import HeadStore
+
+
+class Encoding(Protocol):
+    def keys(self) -> torch.Tensor: ...
+    def values(self) -> torch.Tensor: ...
+    def positions(self) -> torch.Tensor: ...
+    def nbytes(self) -> int: ...
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(0 if t is None else t.numel() * t.element_size() for t in tensors)
+
+
+class EncodedStore:
+    """Per KV head: an optional encoding of the prompt, then a full-precision tail."""
+
+    def __init__(self, n_kv_heads: int, head_dim: int, dtype, device) -> None:
+        base = HeadStore(n_kv_heads, head_dim, dtype, device)
+        self.tail_keys, self.tail_values, self.tail_pos = base.keys, base.values, base.positions
+        self.encodings: list[Encoding | None] = [None] * n_kv_heads
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.tail_pos)
+
+    def lengths(self) -> list[int]:
+        return [int(p.numel()) for p in self.positions]
+
+    def encode(self, head: int, encoding: Encoding) -> None:
+        """Replace everything head ``head`` holds now with ``encoding``."""
+        self.encodings[head] = encoding
+        self.tail_keys[head] = self.tail_keys[head][:0].clone()
+        self.tail_values[head] = self.tail_values[head][:0].clone()
+        self.tail_pos[head] = self.tail_pos[head][:0].clone()
+
+    def _full(self, kind: str) -> list[torch.Tensor]:
+        tails = {"keys": self.tail_keys, "values": self.tail_values, "positions": self.tail_pos}[
+            kind
+        ]
+        out = []
+        for h, enc in enumerate(self.encodings):
+            if enc is None:
+                out.append(tails[h])
+            else:
+                out.append(torch.cat([getattr(enc, kind)().to(tails[h].dtype), tails[h]]))
+        return out
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        return self._full("keys")
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return self._full("values")
+
+    @property
+    def positions(self) -> list[torch.Tensor]:
+        return self._full("positions")
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        pos = positions.to(torch.int32)
+        for h in range(self.n_heads):
+            self.tail_keys[h] = torch.cat([self.tail_keys[h], keys[h]])
+            self.tail_values[h] = torch.cat([self.tail_values[h], values[h]])
+            self.tail_pos[h] = torch.cat([self.tail_pos[h], pos])
+
+    def keep(self, head: int, index: torch.Tensor) -> None:
+        from probes.errors import KvlensError
+
+        raise KvlensError("an encoded cache does not evict tokens")
+
+    def aux_state(self, name: str, dtype=torch.float32):
+        from probes.errors import KvlensError
+
+        raise KvlensError("an encoded cache keeps no per-token method state")
+
+    def nbytes(self) -> int:
+        total = tensor_bytes(*self.tail_keys, *self.tail_values, *self.tail_pos)
+        return total + sum(0 if e is None else e.nbytes() for e in self.encodings)
