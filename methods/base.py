@@ -71,6 +71,9 @@ class Method:
         """How many of a call's last queries the ``window`` statistic should cover."""
         return 1
 
+    def setup(self, model) -> None:
+        """Called once per compressed cache with the model (e.g. to score heads)."""
+
     def new_store(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
         """The storage this method's layers keep (default: per-head full-precision tokens)."""
         from methods.cache import HeadStore

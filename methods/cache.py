@@ -205,6 +205,7 @@ class CompressedCache(Cache):
             )
         facts = model_facts(model)
         self.method = method
+        method.setup(model)
         super().__init__(
             layers=[CompressedLayer(method, i, facts.n_layers) for i in range(facts.n_layers)]
         )

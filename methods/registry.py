@@ -26,7 +26,9 @@ def register(cls: type[Method]) -> type[Method]:
 
 def _load_all() -> None:
     import methods.eviction  # noqa: F401  (registers the eviction family)
+    import methods.headaware  # noqa: F401
     import methods.lowrank  # noqa: F401
+    import methods.merging  # noqa: F401
     import methods.quantization  # noqa: F401
 
 

@@ -1,0 +1,3 @@
+"""Head-aware methods: each module registers its methods."""
+
+from methods.headaware import razor  # noqa: F401
