@@ -1,3 +1,3 @@
 """The quantisation family: each module registers one method."""
 
-from methods.quantization import int8, kivi, rotatekv  # noqa: F401
+from methods.quantization import gear, int8, kivi, kvquant, mixed, rotatekv  # noqa: F401

@@ -1,0 +1,128 @@
+"""KVQuant-style keys (Hooper et al., 2024, "KVQuant: Towards 10 Million Context Length LLM
+Inference with KV Cache Quantization").
+
+Keys are quantised *before* RoPE, per channel, where their outlier channels are stable: the
+cache un-rotates the prompt's post-RoPE keys (RoPE is a rotation, so this is exact), and for
+each channel picks non-uniform levels from the prompt's own distribution (its quantiles at
+(i + 0.5) / 2^bits, a stand-in for KVQuant's offline k-means), keeping the largest-magnitude
+``outliers`` fraction of entries exactly (dense-and-sparse). On read it dequantises and
+re-applies RoPE at the stored positions. Values are quantised per token, uniformly. Works for
+models with standard (rotate-half) RoPE, such as SmolLM2 and Llama.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from methods.base import Method, require
+from methods.encoded import EncodedStore, tensor_bytes
+from methods.quant import Quantized, dequantize, pack, quantize, unpack
+from methods.registry import register
+from probes.errors import KvlensError
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+@dataclass
+class NonUniformKeys:
+    codes: torch.Tensor  # packed uint8 [L, D*bits/8]
+    levels: torch.Tensor  # float16 [2^bits, D]
+    sparse_index: torch.Tensor  # int32 flat
+    sparse_value: torch.Tensor  # float16
+    bits: int
+    vals: Quantized
+    pos: torch.Tensor
+    rope: object  # callable(x, positions, inverse) -> x
+
+    def keys(self):
+        d = self.levels.shape[1]
+        codes = unpack(self.codes, self.bits, d).long()  # [L, D]
+        pre = torch.gather(self.levels.float().T, 1, codes.T).T  # level per (token, channel)
+        flat = pre.reshape(-1)
+        flat[self.sparse_index.long()] = self.sparse_value.float()
+        return self.rope(pre, self.pos.long(), inverse=False)
+
+    def values(self):
+        return dequantize(self.vals)
+
+    def positions(self):
+        return self.pos
+
+    def nbytes(self):
+        return (
+            tensor_bytes(self.codes, self.levels, self.sparse_index, self.sparse_value, self.pos)
+            + self.vals.nbytes()
+        )
+
+
+@register
+@dataclass
+class KVQuant(Method):
+    bits: int = 4
+    outliers: float = 0.01
+
+    name: ClassVar[str] = "kvquant"
+    family: ClassVar[str] = "quantisation"
+    paper: ClassVar[str] = "Hooper et al. 2024, KVQuant"
+    summary: ClassVar[str] = "pre-RoPE per-channel non-uniform keys, 1% outliers kept exactly"
+
+    def validate(self) -> None:
+        require(self.bits in (2, 4, 8), self.name, f"bits must be 2, 4 or 8, got {self.bits}")
+        require(
+            0.0 <= self.outliers < 0.5,
+            self.name,
+            f"outliers must be in [0, 0.5), got {self.outliers}",
+        )
+
+    def setup(self, model) -> None:
+        rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+        if rotary is None:
+            raise KvlensError(
+                "kvquant needs a model with a standard rotary embedding (model.model.rotary_emb)"
+            )
+        self._rotary = rotary
+
+    def rope(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool) -> torch.Tensor:
+        cos, sin = self._rotary(x[None].float(), positions[None])
+        cos, sin = cos[0].float(), sin[0].float()
+        return x * cos - _rotate_half(x) * sin if inverse else x * cos + _rotate_half(x) * sin
+
+    def new_store(self, n_kv_heads, head_dim, dtype, device):
+        return EncodedStore(n_kv_heads, head_dim, dtype, device)
+
+    def compress(self, store, obs) -> None:
+        if not obs.prefill:
+            return
+        keys, values, positions = store.keys, store.values, store.positions
+        n_levels = 2**self.bits
+        for h in range(store.n_heads):
+            pos = positions[h].long()
+            pre = self.rope(keys[h].float(), pos, inverse=True)  # [L, D]
+            n_out = int(self.outliers * pre.numel())
+            idx = (
+                torch.topk(pre.abs().reshape(-1), n_out).indices
+                if n_out
+                else torch.empty(0, dtype=torch.long)
+            )
+            q = (torch.arange(n_levels, dtype=torch.float32) + 0.5) / n_levels
+            levels = torch.quantile(pre, q.to(pre.device), dim=0)  # [2^b, D]
+            codes = (pre[:, None, :] - levels[None]).abs().argmin(1).to(torch.uint8)  # [L, D]
+            store.encode(
+                h,
+                NonUniformKeys(
+                    pack(codes, self.bits),
+                    levels.half(),
+                    idx.to(torch.int32),
+                    pre.reshape(-1)[idx].half(),
+                    self.bits,
+                    quantize(values[h], self.bits, -1),
+                    positions[h].clone(),
+                    self.rope,
+                ),
+            )
