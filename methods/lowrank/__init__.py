@@ -1,3 +1,3 @@
 """The low-rank / channel family: each module registers one method."""
 
-from methods.lowrank import svd, think  # noqa: F401
+from methods.lowrank import svd, think, xkv  # noqa: F401
