@@ -27,8 +27,18 @@ def main() -> None:
     parser.add_argument("--budgets", default="64,128,256")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--methods", default=",".join(available()))
+    parser.add_argument(
+        "--methods", default=",".join(n for n, c in available().items() if c.family == "eviction")
+    )
+    parser.add_argument(
+        "--matched",
+        action="store_true",
+        help="instead: every family at about 25%% and 12.5%% of the full cache's bytes",
+    )
     args = parser.parse_args()
+    if args.matched:
+        matched_memory(args)
+        return
     model, tok = load_model("smollm2-135m", device="cpu")
     budgets = [int(b) for b in args.budgets.split(",")]
     specs = ["full"] + [f"{m}:budget={b}" for m in args.methods.split(",") for b in budgets]
@@ -83,6 +93,87 @@ def main() -> None:
         f"\nlive compare, full + snapkv:budget=128, {len(ids)}-token prompt, 64 new tokens: "
         f"{time.perf_counter() - t0:.1f} s"
     )
+
+
+# configurations chosen to hold about 25% / 12.5% of a float32 full cache at ~1k tokens
+MATCHED = {
+    "25%": [
+        "snapkv:budget=256",
+        "h2o:budget=256",
+        "streamingllm:budget=256",
+        "adakv:budget=256",
+        "pyramidkv:budget=256",
+        "d2o:budget=256",
+        "int8",
+        "kivi:bits=4,residual=64",
+        "rotatekv:bits=4,residual=64",
+        "gear:bits=4,rank=2",
+        "kvquant:bits=4",
+        "zipcache:salient=0.3,high_bits=8,low_bits=4",
+        "svd:rank=32",
+        "xkv:rank=64,group=2",
+        "razor:heads=0.2,recent=128",
+    ],
+    "12.5%": [
+        "snapkv:budget=128",
+        "h2o:budget=128",
+        "streamingllm:budget=128",
+        "adakv:budget=128",
+        "pyramidkv:budget=128",
+        "d2o:budget=128",
+        "kivi:bits=2,residual=32",
+        "rotatekv:bits=2,residual=32",
+        "gear:bits=2,rank=2",
+        "kvquant:bits=2",
+        "zipcache:salient=0.1,high_bits=8,low_bits=2",
+        "svd:rank=16",
+        "xkv:rank=32,group=2",
+        "razor:heads=0.05,recent=64",
+    ],
+}
+
+
+def matched_memory(args) -> None:
+    model, tok = load_model("smollm2-135m", device="cpu")
+    t_start = time.perf_counter()
+    rows: dict[tuple[str, str], list] = defaultdict(list)
+    tasks = ("niah", "multikey")
+    for target, specs in MATCHED.items():
+        for kind in tasks:
+            task = make_task(kind, args.length, tok, seed=0)
+            ids = tok(task.prompt)["input_ids"]
+            result = compare(
+                model,
+                tok,
+                ids,
+                ["full"] + specs,
+                max_new_tokens=args.max_new_tokens,
+                score=task.score,
+                continuation=task.continuation,
+            )
+            for r in result.results[1:]:
+                rows[(target, r.spec)].append(r)
+            print(
+                f"{target} {kind}: {time.perf_counter() - t_start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+    print(
+        f"\n{args.length}-token niah and multikey (seed 0), {args.max_new_tokens} new tokens; "
+        "bytes are measured, targets approximate\n"
+    )
+    print(
+        "| target | method | family | bytes vs full | KL mean | top-1 | acc niah | acc multikey |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for (target, spec), rs in rows.items():
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        print(
+            f"| {target} | {spec} | {rs[0].family} | {mean([r.bytes_ratio for r in rs]):.1%} | "
+            f"{mean([r.kl_mean for r in rs]):.3f} | {mean([r.top1 for r in rs]):.2f} | "
+            f"{rs[0].accuracy:.2f} | {rs[1].accuracy:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
