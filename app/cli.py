@@ -99,12 +99,12 @@ def cmd_probe(args) -> int:
 def cmd_methods(_args) -> int:
     from methods.registry import FULL, available
 
-    print(f"{FULL:<14} {'baseline':<10} the uncompressed cache")
+    print(f"{FULL:<14} {'baseline':<13} the uncompressed cache")
     for name, cls in available().items():
         params = ", ".join(f"{n}={d}" for n, _t, d in cls.parameters()) or "none"
-        print(f"{name:<14} {cls.family:<10} {cls.summary}")
-        print(f"{'':<14} {'':<10} parameters: {params}")
-        print(f"{'':<14} {'':<10} paper: {cls.paper}")
+        print(f"{name:<14} {cls.family:<13} {cls.summary}")
+        print(f"{'':<14} {'':<13} parameters: {params}")
+        print(f"{'':<14} {'':<13} paper: {cls.paper}")
     return 0
 
 

@@ -35,6 +35,7 @@ def main() -> None:
         action="store_true",
         help="instead: every family at about 25%% and 12.5%% of the full cache's bytes",
     )
+    parser.add_argument("--only", default="", help="with --matched: only these method names")
     args = parser.parse_args()
     if args.matched:
         matched_memory(args)
@@ -138,7 +139,10 @@ def matched_memory(args) -> None:
     t_start = time.perf_counter()
     rows: dict[tuple[str, str], list] = defaultdict(list)
     tasks = ("niah", "multikey")
+    only = [x for x in args.only.split(",") if x] if args.only else None
     for target, specs in MATCHED.items():
+        if only:
+            specs = [sp for sp in specs if sp.split(":")[0] in only]
         for kind in tasks:
             task = make_task(kind, args.length, tok, seed=0)
             ids = tok(task.prompt)["input_ids"]

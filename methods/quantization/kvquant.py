@@ -4,8 +4,9 @@ Inference with KV Cache Quantization").
 Keys are quantised *before* RoPE, per channel, where their outlier channels are stable: the
 cache un-rotates the prompt's post-RoPE keys (RoPE is a rotation, so this is exact), and for
 each channel picks non-uniform levels from the prompt's own distribution (its quantiles at
-(i + 0.5) / 2^bits, a stand-in for KVQuant's offline k-means), keeping the largest-magnitude
-``outliers`` fraction of entries exactly (dense-and-sparse). On read it dequantises and
+i / (2^bits - 1), minimum and maximum included, a stand-in for KVQuant's offline k-means),
+computed after setting aside the largest-magnitude ``outliers`` fraction of entries, which
+are kept exactly (dense-and-sparse). On read it dequantises and
 re-applies RoPE at the stored positions. Values are quantised per token, uniformly. Works for
 models with standard (rotate-half) RoPE, such as SmolLM2 and Llama.
 """
@@ -110,8 +111,12 @@ class KVQuant(Method):
                 if n_out
                 else torch.empty(0, dtype=torch.long)
             )
-            q = (torch.arange(n_levels, dtype=torch.float32) + 0.5) / n_levels
-            levels = torch.quantile(pre, q.to(pre.device), dim=0)  # [2^b, D]
+            # levels at evenly spaced quantiles from the minimum to the maximum (after removing
+            # the sparse outliers): dense where the channel's values are dense, covering its range
+            body = pre.clone().reshape(-1)
+            body[idx] = float("nan")
+            q = torch.linspace(0.0, 1.0, n_levels, device=pre.device)
+            levels = torch.nanquantile(body.view_as(pre), q, dim=0)  # [2^b, D]
             codes = (pre[:, None, :] - levels[None]).abs().argmin(1).to(torch.uint8)  # [L, D]
             store.encode(
                 h,
