@@ -68,14 +68,14 @@ def summarize(trace: Trace, tables: dict[str, pl.DataFrame]) -> str:
     """A short plain-text summary of the headline numbers of each table."""
     layers = trace.layers
     lines = [f"{trace.model.model_id}: {trace.n_tokens} tokens, layers {layers[0]}..{layers[-1]}"]
-    if "heavy_hitters_model" in tables:
+    if "heavy_hitters_model" in tables and tables["heavy_hitters_model"].height:
         top = tables["heavy_hitters_model"].head(5)
         items = ", ".join(
             f"{r['token']!r}@{r['position']} {r['received_norm']:.3f}"
             for r in top.iter_rows(named=True)
         )
         lines.append(f"top heavy hitters (received_norm, mean over heads): {items}")
-    if "sinks" in tables:
+    if "sinks" in tables and tables["sinks"].height:
         s = tables["sinks"]
         lines.append(
             f"sink mass: mean {s['sink_mass'].mean():.3f}, heads >= 0.5: "
@@ -114,7 +114,7 @@ def summarize(trace: Trace, tables: dict[str, pl.DataFrame]) -> str:
             f"{r['layer_a']}-{r['layer_b']} {r['cosine']:.3f}" for r in top.iter_rows(named=True)
         )
         lines.append(f"most similar adjacent layers (key cosine): {items}")
-    if "head_types" in tables:
+    if "head_types" in tables and tables["head_types"].height:
         counts = tables["head_types"].group_by("type").len().sort("len", descending=True)
         lines.append(
             "head types: "

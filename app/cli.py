@@ -295,10 +295,15 @@ def cmd_report(args) -> int:
             ) from None
         if not isinstance(comparison, dict) or not isinstance(comparison.get("results"), list):
             raise KvlensError(f"--compare {args.compare}: not a `kvlens compare --json` result")
+    sweep_table = None
+    if args.sweep:
+        from methods.sweep import read_table
+
+        sweep_table = read_table(Path(args.sweep))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(build_report(trace, comparison), encoding="utf-8")
+    tmp.write_text(build_report(trace, comparison, sweep=sweep_table), encoding="utf-8")
     tmp.replace(out)
     print(out)
     return 0
@@ -459,6 +464,59 @@ def cmd_heads(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from tqdm import tqdm
+
+    from methods.sweep import Grid, leaderboard, load_grid, sweep
+
+    if args.config:
+        grid = load_grid(args.config)
+    else:
+        from methods.registry import split_specs
+
+        try:
+            lengths = [int(x) for x in args.lengths.split(",")]
+        except ValueError:
+            raise KvlensError(
+                f"--lengths takes comma-separated integers, not '{args.lengths}'"
+            ) from None
+        grid = Grid(
+            models=args.models.split(","),
+            methods=split_specs(args.methods),
+            tasks=args.tasks.split(","),
+            lengths=lengths,
+            seeds=args.seeds,
+            max_new_tokens=args.max_new_tokens,
+        )
+    bar = tqdm(total=grid.total_rows(), desc="sweep", unit="row", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        table = sweep(
+            grid,
+            args.out,
+            backend=args.backend,
+            progress=progress,
+            device=args.device,
+            num_cpus=args.num_cpus,
+        )
+    finally:
+        bar.close()
+    board = leaderboard(table)
+    print(f"{'model':<14} {'task':<9} {'len':>5} {'method':<40} {'acc':>5} {'KL':>7} {'bytes':>7}")
+    for r in board.iter_rows(named=True):
+        print(
+            f"{r['model']:<14} {r['task']:<9} {r['length']:>5} {_one_line(r['method'], 40):<40} "
+            f"{r['accuracy']:>5.2f} {r['kl_mean']:>7.3f} {r['bytes_ratio']:>6.1%}"
+        )
+    print(args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="kvlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -535,9 +593,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_heads)
 
+    p = sub.add_parser(
+        "sweep", help="run a method x budget x task x model grid into one table (resumable)"
+    )
+    p.add_argument(
+        "config", nargs="?", help="a TOML file with a [grid] table (else the flags below)"
+    )
+    p.add_argument("--models", default="smollm2-135m")
+    p.add_argument("--methods", default="snapkv:budget=128,streamingllm:budget=128")
+    p.add_argument("--tasks", default="niah")
+    p.add_argument("--lengths", default="1024")
+    p.add_argument("--seeds", type=_positive_int, default=2)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=12)
+    p.add_argument("--backend", choices=["local", "ray"], default="local")
+    p.add_argument("--num-cpus", type=_positive_int, default=None, help="Ray: CPUs to use")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="the parquet table (rows already there are kept)")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("report", help="write a self-contained HTML report of a dump")
     p.add_argument("dump")
     p.add_argument("--compare", help="a `kvlens compare --json` result to include")
+    p.add_argument("--sweep", help="a `kvlens sweep` table whose leaderboard to include")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_report)
 

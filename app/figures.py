@@ -224,3 +224,27 @@ def kept_heatmap(result: dict, title: str) -> go.Figure:
     fig.update_xaxes(title="KV head")
     fig.update_yaxes(title="layer", autorange="reversed")
     return _title(fig, title)
+
+
+def leaderboard(board: pl.DataFrame, title: str) -> go.Figure:
+    """Accuracy vs bytes held per method (the memory/quality frontier); the full cache as a line."""
+    fig = go.Figure()
+    for (family,), part in board.filter(pl.col("method") != "full").group_by(
+        "family", maintain_order=True
+    ):
+        fig.add_scatter(
+            x=[100 * b for b in part["bytes_ratio"]],
+            y=part["accuracy"].to_list(),
+            mode="markers",
+            name=esc(family),
+            customdata=[esc(m) for m in part["method"]],
+            hovertemplate="%{customdata}<br>%{x:.1f}% bytes<br>accuracy %{y:.2f}<extra></extra>",
+        )
+    full = board.filter(method="full")
+    if full.height:
+        fig.add_hline(
+            y=float(full["accuracy"].mean()), line_dash="dash", annotation_text="full cache"
+        )
+    fig.update_xaxes(title="bytes held, % of full cache")
+    fig.update_yaxes(title="accuracy", range=[-0.05, 1.05])
+    return _title(fig, title)

@@ -48,7 +48,10 @@ def _figure(fig: go.Figure) -> str:
 
 
 def build_report(
-    trace: Trace, comparison: dict | None = None, retrieval: pl.DataFrame | None = None
+    trace: Trace,
+    comparison: dict | None = None,
+    retrieval: pl.DataFrame | None = None,
+    sweep: pl.DataFrame | None = None,
 ) -> str:
     """The report as one HTML string."""
     tables = analyze(trace, retrieval)
@@ -171,6 +174,16 @@ def build_report(
         )
         parts.append(_figure(figures.kl_curves(results, "per-step KL vs the full cache")))
         parts.append(_figure(figures.memory_quality(results, "memory vs quality")))
+    if sweep is not None and sweep.height:
+        from methods.sweep import leaderboard
+
+        board = leaderboard(sweep)
+        parts.append("<h2>Leaderboard</h2>")
+        for (model, task, length), part in board.group_by(
+            "model", "task", "length", maintain_order=True
+        ):
+            parts.append(_figure(figures.leaderboard(part, f"{model}, {task}, {length} tokens")))
+        parts.append(_table(board, 200))
     body = "\n".join(parts)
     return (
         '<!DOCTYPE html><html><head><meta charset="utf-8"><title>kvlens report</title>'

@@ -9,6 +9,7 @@ from pages import (
     compression_lab,
     cross_layer,
     heavy_hitters,
+    leaderboard,
     outliers,
     probe,
     report,
@@ -25,6 +26,7 @@ PAGES = [
     st.Page(outliers.render, title="Outlier channels", url_path="outliers"),
     st.Page(cross_layer.render, title="Cross-layer", url_path="cross-layer"),
     st.Page(compression_lab.render, title="Compression lab", url_path="compression-lab"),
+    st.Page(leaderboard.render, title="Leaderboard", url_path="leaderboard"),
     st.Page(report.render, title="Report", url_path="report"),
 ]
 
