@@ -67,7 +67,20 @@ def cmd_probe(args) -> int:
     if not text.strip():
         raise KvlensError("the prompt is empty; give some text")
     print(f"loading {args.model} ...", file=sys.stderr)
-    model, tokenizer = load_model(args.model, device=args.device, device_map=args.device_map)
+    max_memory = None
+    if args.max_memory:
+        try:
+            max_memory = {
+                (int(k) if k.strip().isdigit() else k.strip()): v.strip()
+                for k, v in (part.split("=") for part in args.max_memory.split(","))
+            }
+        except ValueError:
+            raise KvlensError(
+                f"--max-memory takes DEVICE=SIZE pairs like 0=20GiB, not '{args.max_memory}'"
+            ) from None
+    model, tokenizer = load_model(
+        args.model, device=args.device, device_map=args.device_map, max_memory=max_memory
+    )
     facts = model_facts(model)
     check_length(len(tokenize(tokenizer, text, chat=args.chat)), facts.max_positions)
     total = facts.n_layers * (1 + args.generate)
@@ -545,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--device-map", default=None, help="'auto' spreads the model over GPUs")
+    p.add_argument(
+        "--max-memory", default=None, help="with --device-map: caps, e.g. 0=20GiB,1=20GiB"
+    )
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("analyze", help="run every analysis a dump has data for")

@@ -177,7 +177,8 @@ def attention_with_stats(
         except ImportError:  # no Triton installed: the reference still gives exact results
             pass
         else:
-            return attention_stats_fast(q, k, v, **kwargs)
+            with torch.cuda.device(q.device):  # Triton launches on the current device
+                return attention_stats_fast(q, k, v, **kwargs)
     return attention_stats_reference(
         q, k, v, mask=mask, want_probs=want_probs, softcap=softcap, **kwargs
     )

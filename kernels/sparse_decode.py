@@ -132,5 +132,6 @@ def sparse_decode_reference(
 def sparse_decode(q, k, v, lengths, *, scale: float) -> torch.Tensor:
     """Dispatch: the Triton kernel on CUDA, the reference elsewhere."""
     if q.is_cuda and triton is not None:
-        return sparse_decode_triton(q, k, v, lengths, scale=scale)
+        with torch.cuda.device(q.device):  # Triton launches on the current device
+            return sparse_decode_triton(q, k, v, lengths, scale=scale)
     return sparse_decode_reference(q, k, v, lengths, scale=scale)

@@ -173,12 +173,14 @@ def load_model(
     device: str | None = None,
     device_map: str | None = None,
     dtype: str | None = None,
+    max_memory: dict | None = None,
 ):
     """Load (once per process) a model and its tokenizer; returns ``(model, tokenizer)``.
 
     ``name_or_path`` is an embedded model name (see ``kvlens models``), a local Hugging Face
     model folder, or a local ``.gguf`` file. ``device_map="auto"`` lets accelerate spread a
-    model over every visible GPU. ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA.
+    model over every visible GPU (``max_memory``, e.g. ``{0: "20GiB", 1: "20GiB"}``, caps each
+    device). ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA.
     """
     import torch
 
@@ -187,7 +189,7 @@ def load_model(
         dtype = "float32" if dev == "cpu" and device_map is None else "bfloat16"
     if dtype not in ("float32", "float16", "bfloat16"):
         raise KvlensError(f"dtype must be float32, float16 or bfloat16, not '{dtype}'")
-    key = (name_or_path, dev, device_map, dtype)
+    key = (name_or_path, dev, device_map, dtype, tuple(sorted((max_memory or {}).items())))
     with _LOAD_LOCK:
         if key in _LOADED:
             return _LOADED[key]
@@ -195,7 +197,9 @@ def load_model(
 
         register_kvlens_attention()
         folder, gguf_file, label = _locate(name_or_path)
-        model, tokenizer = _from_pretrained(folder, gguf_file, getattr(torch, dtype), device_map)
+        model, tokenizer = _from_pretrained(
+            folder, gguf_file, getattr(torch, dtype), device_map, max_memory
+        )
         if device_map is None:
             model.to(dev)
         model.eval()
@@ -236,13 +240,15 @@ def _locate(name_or_path: str) -> tuple[Path, str | None, str]:
     return path, None, str(path)
 
 
-def _from_pretrained(folder: Path, gguf_file: str | None, torch_dtype, device_map):
+def _from_pretrained(folder: Path, gguf_file: str | None, torch_dtype, device_map, max_memory=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    if max_memory:
+        extra["max_memory"] = max_memory
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
         model = AutoModelForCausalLM.from_pretrained(
