@@ -140,10 +140,12 @@ class CompressedLayer(CacheLayerMixin):
         window = max(1, min(tq, self.method.observation_window()))
         out = torch.empty_like(query)
         received, win, last, window_queries = [], [], [], []
-        all_keys, all_values = store.keys, store.values  # read once: some stores decode on read
+        # read once per call: encoded and quantised stores rebuild these on every read
+        all_keys, all_values = store.keys, store.values
+        all_pos = [p.to(torch.int64) for p in store.positions]
         for h in range(store.n_heads):
             q_h = query[0, h * group : (h + 1) * group]  # [G, Tq, D]
-            pos = store.positions[h].to(torch.int64)
+            pos = all_pos[h]
             contiguous = pos.numel() == self.n_seen + tq and self.n_seen == 0
             mask = None
             if not contiguous:
@@ -166,7 +168,7 @@ class CompressedLayer(CacheLayerMixin):
             last.append(st.received if tq == 1 else _last_row(q_h[:, -1], all_keys[h], scale))
             window_queries.append(q_h[:, -window:])
         self.n_seen += tq
-        attended = [p.to(torch.int64).cpu() for p in store.positions] if self.record_history else []
+        attended = [p.cpu() for p in all_pos] if self.record_history else []
         obs = Observation(
             layer=self.layer_idx,
             n_layers=self.n_layers,
@@ -174,7 +176,7 @@ class CompressedLayer(CacheLayerMixin):
             n_queries=tq,
             n_seen=self.n_seen,
             scale=scale,
-            positions=[p.to(torch.int64) for p in store.positions],
+            positions=all_pos,
             keys=all_keys,
             received=received,
             window=win,
