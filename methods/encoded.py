@@ -8,10 +8,12 @@ positions and counts the bytes it holds. Tokens appended afterwards form a full-
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from methods.base import Method, Observation
 from methods.cache import HeadStore
 
 
@@ -92,3 +94,32 @@ class EncodedStore:
     def nbytes(self) -> int:
         total = tensor_bytes(*self.tail_keys, *self.tail_values, *self.tail_pos)
         return total + sum(0 if e is None else e.nbytes() for e in self.encodings)
+
+
+@dataclass
+class PromptEncoder(Method):
+    """A method that re-encodes each KV head's prompt once, after prefill, into an Encoding.
+
+    Subclasses implement ``encode_head``; methods that encode across layers (MiniCache, xKV)
+    override ``compress`` and keep only the store.
+    """
+
+    def new_store(self, n_kv_heads, head_dim, dtype, device):
+        return EncodedStore(n_kv_heads, head_dim, dtype, device)
+
+    def encode_head(
+        self,
+        obs: Observation,
+        head: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> Encoding:
+        raise NotImplementedError
+
+    def compress(self, store, obs: Observation) -> None:
+        if not obs.prefill:
+            return
+        keys, values, positions = store.keys, store.values, store.positions
+        for h in range(store.n_heads):
+            store.encode(h, self.encode_head(obs, h, keys[h], values[h], positions[h]))

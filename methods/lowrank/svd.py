@@ -15,8 +15,8 @@ from typing import ClassVar
 
 import torch
 
-from methods.base import Method, require
-from methods.encoded import EncodedStore, tensor_bytes
+from methods.base import require
+from methods.encoded import PromptEncoder, tensor_bytes
 from methods.registry import register
 
 
@@ -52,7 +52,7 @@ def factor(x: torch.Tensor, rank: int, dtype=torch.float16) -> tuple[torch.Tenso
 
 @register
 @dataclass
-class SVDLowRank(Method):
+class SVDLowRank(PromptEncoder):
     rank: int = 16
     value_rank: int = -1  # -1: the same as rank
 
@@ -69,16 +69,9 @@ class SVDLowRank(Method):
             f"value_rank must be >= 1 or -1, got {self.value_rank}",
         )
 
-    def new_store(self, n_kv_heads, head_dim, dtype, device):
-        return EncodedStore(n_kv_heads, head_dim, dtype, device)
-
-    def compress(self, store, obs) -> None:
-        if not obs.prefill:
-            return
+    def encode_head(self, obs, head, keys, values, positions):
         v_rank = self.rank if self.value_rank == -1 else self.value_rank
-        keys, values, positions = store.keys, store.values, store.positions
-        for h in range(store.n_heads):
-            d = keys[h].shape[-1]
-            kc, kb = factor(keys[h], min(self.rank, d))
-            vc, vb = factor(values[h], min(v_rank, d))
-            store.encode(h, LowRank(kc, kb, vc, vb, positions[h].clone()))
+        d = keys.shape[-1]
+        kc, kb = factor(keys, min(self.rank, d))
+        vc, vb = factor(values, min(v_rank, d))
+        return LowRank(kc, kb, vc, vb, positions.clone())

@@ -14,8 +14,8 @@ from typing import ClassVar
 
 import torch
 
-from methods.base import Method, require
-from methods.encoded import EncodedStore, tensor_bytes
+from methods.base import require
+from methods.encoded import PromptEncoder, tensor_bytes
 from methods.registry import register
 
 
@@ -49,7 +49,7 @@ class PrunedKeys:
 
 @register
 @dataclass
-class ThinK(Method):
+class ThinK(PromptEncoder):
     prune: float = 0.5
     window: int = 32
 
@@ -65,26 +65,16 @@ class ThinK(Method):
     def observation_window(self) -> int:
         return self.window
 
-    def new_store(self, n_kv_heads, head_dim, dtype, device):
-        return EncodedStore(n_kv_heads, head_dim, dtype, device)
-
-    def compress(self, store, obs) -> None:
-        if not obs.prefill:
-            return
-        keys, values, positions = store.keys, store.values, store.positions
-        for h in range(store.n_heads):
-            d = keys[h].shape[-1]
-            n_keep = max(1, round(d * (1 - self.prune)))
-            q = obs.window_queries[h].float()  # [G, W, D]
-            score = q.norm(dim=1).mean(0) * keys[h].float().norm(dim=0)
-            channels = torch.topk(score, n_keep).indices.sort().values
-            store.encode(
-                h,
-                PrunedKeys(
-                    keys[h][:, channels].clone(),
-                    channels.to(torch.int16),
-                    d,
-                    values[h].clone(),
-                    positions[h].clone(),
-                ),
-            )
+    def encode_head(self, obs, head, keys, values, positions):
+        d = keys.shape[-1]
+        n_keep = max(1, round(d * (1 - self.prune)))
+        q = obs.window_queries[head].float()  # [G, W, D]
+        score = q.norm(dim=1).mean(0) * keys.float().norm(dim=0)
+        channels = torch.topk(score, n_keep).indices.sort().values
+        return PrunedKeys(
+            keys[:, channels].clone(),
+            channels.to(torch.int16),
+            d,
+            values.clone(),
+            positions.clone(),
+        )

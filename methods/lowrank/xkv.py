@@ -16,8 +16,8 @@ from typing import ClassVar
 
 import torch
 
-from methods.base import Method, require
-from methods.encoded import EncodedStore, tensor_bytes
+from methods.base import require
+from methods.encoded import PromptEncoder, tensor_bytes
 from methods.registry import register
 
 
@@ -56,7 +56,7 @@ def shared_factor(xs: list[torch.Tensor], rank: int) -> tuple[torch.Tensor, list
 
 @register
 @dataclass
-class XKV(Method):
+class XKV(PromptEncoder):
     rank: int = 32
     group: int = 2
 
@@ -72,9 +72,6 @@ class XKV(Method):
     def validate(self) -> None:
         require(self.rank >= 1, self.name, f"rank must be >= 1, got {self.rank}")
         require(self.group >= 1, self.name, f"group must be >= 1, got {self.group}")
-
-    def new_store(self, n_kv_heads, head_dim, dtype, device):
-        return EncodedStore(n_kv_heads, head_dim, dtype, device)
 
     def compress(self, store, obs) -> None:
         if not obs.prefill:

@@ -16,8 +16,8 @@ from typing import ClassVar
 
 import torch
 
-from methods.base import Method, require
-from methods.encoded import EncodedStore, tensor_bytes
+from methods.base import require
+from methods.encoded import PromptEncoder, tensor_bytes
 from methods.registry import register
 
 
@@ -75,7 +75,7 @@ class Merged:
 
 @register
 @dataclass
-class MiniCache(Method):
+class MiniCache(PromptEncoder):
     start: int = -1  # -1: the middle layer
     threshold: float = 0.5
 
@@ -95,9 +95,6 @@ class MiniCache(Method):
             self.name,
             f"threshold must be in [-1, 1], got {self.threshold}",
         )
-
-    def new_store(self, n_kv_heads, head_dim, dtype, device):
-        return EncodedStore(n_kv_heads, head_dim, dtype, device)
 
     def compress(self, store, obs) -> None:
         if not obs.prefill:

@@ -14,8 +14,8 @@ from typing import ClassVar
 
 import torch
 
-from methods.base import Method, require
-from methods.encoded import EncodedStore, tensor_bytes
+from methods.base import require
+from methods.encoded import PromptEncoder, tensor_bytes
 from methods.quant import Quantized, dequantize, quantize
 from methods.registry import register
 
@@ -83,7 +83,7 @@ class Gear:
 
 @register
 @dataclass
-class GEAR(Method):
+class GEAR(PromptEncoder):
     bits: int = 4
     rank: int = 4
     outliers: float = 0.02
@@ -102,19 +102,9 @@ class GEAR(Method):
             f"outliers must be in [0, 0.5), got {self.outliers}",
         )
 
-    def new_store(self, n_kv_heads, head_dim, dtype, device):
-        return EncodedStore(n_kv_heads, head_dim, dtype, device)
-
-    def compress(self, store, obs) -> None:
-        if not obs.prefill:
-            return
-        keys, values, positions = store.keys, store.values, store.positions
-        for h in range(store.n_heads):
-            store.encode(
-                h,
-                Gear(
-                    gear_encode(keys[h], self.bits, self.rank, self.outliers),
-                    gear_encode(values[h], self.bits, self.rank, self.outliers),
-                    positions[h].clone(),
-                ),
-            )
+    def encode_head(self, obs, head, keys, values, positions):
+        return Gear(
+            gear_encode(keys, self.bits, self.rank, self.outliers),
+            gear_encode(values, self.bits, self.rank, self.outliers),
+            positions.clone(),
+        )

@@ -18,8 +18,8 @@ from typing import ClassVar
 
 import torch
 
-from methods.base import Method, require
-from methods.encoded import EncodedStore, tensor_bytes
+from methods.base import require
+from methods.encoded import PromptEncoder, tensor_bytes
 from methods.quant import Quantized, dequantize, pack, quantize, unpack
 from methods.registry import register
 from probes.errors import KvlensError
@@ -64,7 +64,7 @@ class NonUniformKeys:
 
 @register
 @dataclass
-class KVQuant(Method):
+class KVQuant(PromptEncoder):
     bits: int = 4
     outliers: float = 0.01
 
@@ -94,40 +94,28 @@ class KVQuant(Method):
         cos, sin = cos[0].float(), sin[0].float()
         return x * cos - _rotate_half(x) * sin if inverse else x * cos + _rotate_half(x) * sin
 
-    def new_store(self, n_kv_heads, head_dim, dtype, device):
-        return EncodedStore(n_kv_heads, head_dim, dtype, device)
-
-    def compress(self, store, obs) -> None:
-        if not obs.prefill:
-            return
-        keys, values, positions = store.keys, store.values, store.positions
-        n_levels = 2**self.bits
-        for h in range(store.n_heads):
-            pos = positions[h].long()
-            pre = self.rope(keys[h].float(), pos, inverse=True)  # [L, D]
-            n_out = int(self.outliers * pre.numel())
-            idx = (
-                torch.topk(pre.abs().reshape(-1), n_out).indices
-                if n_out
-                else torch.empty(0, dtype=torch.long)
-            )
-            # levels at evenly spaced quantiles from the minimum to the maximum (after removing
-            # the sparse outliers): dense where the channel's values are dense, covering its range
-            body = pre.clone().reshape(-1)
-            body[idx] = float("nan")
-            q = torch.linspace(0.0, 1.0, n_levels, device=pre.device)
-            levels = torch.nanquantile(body.view_as(pre), q, dim=0)  # [2^b, D]
-            codes = (pre[:, None, :] - levels[None]).abs().argmin(1).to(torch.uint8)  # [L, D]
-            store.encode(
-                h,
-                NonUniformKeys(
-                    pack(codes, self.bits),
-                    levels.half(),
-                    idx.to(torch.int32),
-                    pre.reshape(-1)[idx].half(),
-                    self.bits,
-                    quantize(values[h], self.bits, -1),
-                    positions[h].clone(),
-                    self.rope,
-                ),
-            )
+    def encode_head(self, obs, head, keys, values, positions):
+        pre = self.rope(keys.float(), positions.long(), inverse=True)  # [L, D]
+        n_out = int(self.outliers * pre.numel())
+        idx = (
+            torch.topk(pre.abs().reshape(-1), n_out).indices
+            if n_out
+            else torch.empty(0, dtype=torch.long)
+        )
+        # levels at evenly spaced quantiles from the minimum to the maximum (after removing
+        # the sparse outliers): dense where the channel's values are dense, covering its range
+        body = pre.clone().reshape(-1)
+        body[idx] = float("nan")
+        q = torch.linspace(0.0, 1.0, 2**self.bits, device=pre.device)
+        levels = torch.nanquantile(body.view_as(pre), q, dim=0)  # [2^b, D]
+        codes = (pre[:, None, :] - levels[None]).abs().argmin(1).to(torch.uint8)  # [L, D]
+        return NonUniformKeys(
+            pack(codes, self.bits),
+            levels.half(),
+            idx.to(torch.int32),
+            pre.reshape(-1)[idx].half(),
+            self.bits,
+            quantize(values, self.bits, -1),
+            positions.clone(),
+            self.rope,
+        )

@@ -15,8 +15,8 @@ from typing import ClassVar
 
 import torch
 
-from methods.base import Method, require
-from methods.encoded import EncodedStore, tensor_bytes
+from methods.base import require
+from methods.encoded import PromptEncoder, tensor_bytes
 from methods.eviction.base import group_mean
 from methods.quant import Quantized, dequantize, quantize
 from methods.registry import register
@@ -41,7 +41,7 @@ class Tiers:
 
 @register
 @dataclass
-class MixedPrecision(Method):
+class MixedPrecision(PromptEncoder):
     salient: float = 0.2
     high_bits: int = 8
     low_bits: int = 2
@@ -59,28 +59,21 @@ class MixedPrecision(Method):
             bits = getattr(self, name)
             require(bits in (2, 4, 8), self.name, f"{name} must be 2, 4 or 8, got {bits}")
 
-    def new_store(self, n_kv_heads, head_dim, dtype, device):
-        return EncodedStore(n_kv_heads, head_dim, dtype, device)
-
-    def compress(self, store, obs) -> None:
-        if not obs.prefill:
-            return
-        keys, values, positions = store.keys, store.values, store.positions
-        for h in range(store.n_heads):
-            pos = positions[h].long()
-            seen = (obs.n_seen - pos).clamp_min(1).float()
-            saliency = group_mean(obs.received[h]) / seen
-            n_hi = round(self.salient * pos.numel())
-            order = torch.argsort(saliency, descending=True)
-            tiers = []
-            for idx, bits in ((order[:n_hi], self.high_bits), (order[n_hi:], self.low_bits)):
-                if idx.numel():
-                    idx = idx.sort().values
-                    tiers.append(
-                        (
-                            quantize(keys[h][idx], bits, -1),
-                            quantize(values[h][idx], bits, -1),
-                            positions[h][idx].clone(),
-                        )
+    def encode_head(self, obs, head, keys, values, positions):
+        pos = positions.long()
+        seen = (obs.n_seen - pos).clamp_min(1).float()
+        saliency = group_mean(obs.received[head]) / seen
+        n_hi = round(self.salient * pos.numel())
+        order = torch.argsort(saliency, descending=True)
+        tiers = []
+        for idx, bits in ((order[:n_hi], self.high_bits), (order[n_hi:], self.low_bits)):
+            if idx.numel():
+                idx = idx.sort().values
+                tiers.append(
+                    (
+                        quantize(keys[idx], bits, -1),
+                        quantize(values[idx], bits, -1),
+                        positions[idx].clone(),
                     )
-            store.encode(h, Tiers(tiers))
+                )
+        return Tiers(tiers)
