@@ -10,6 +10,7 @@ continuation, the task's gold answer when there is one, else the full cache's co
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -55,12 +56,19 @@ class Comparison:
         return {"settings": self.settings, "results": [asdict(r) for r in self.results]}
 
 
-def _step(model, token: int, cache) -> torch.Tensor:
+def prefill_logits(model, ids: list[int], cache) -> torch.Tensor:
+    """Run the prompt into ``cache``; the next-token logits after it."""
+    batch = torch.tensor([ids], device=model.device)
+    return model(input_ids=batch, past_key_values=cache, use_cache=True).logits[0, -1].float()
+
+
+def step_logits(model, token: int, cache) -> torch.Tensor:
+    """Feed one token into ``cache``; the next-token logits after it."""
     ids = torch.tensor([[token]], device=model.device)
     return model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].float()
 
 
-def _greedy(
+def greedy(
     model, first_logits: torch.Tensor, cache, n: int, eos: set[int]
 ) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens and the logits that chose each of them (first from the prefill)."""
@@ -70,15 +78,26 @@ def _greedy(
         tokens.append(tok)
         if tok in eos or i == n - 1:
             break
-        logits.append(_step(model, tok, cache))
+        logits.append(step_logits(model, tok, cache))
     return tokens, logits[: len(tokens)]
 
 
-def _teacher_forced(model, first_logits, cache, tokens: list[int]) -> list[torch.Tensor]:
+def teacher_forced(model, first_logits, cache, tokens: list[int]) -> list[torch.Tensor]:
+    """Logits predicting each of ``tokens`` when the earlier ones are fed in."""
     logits = [first_logits]
     for tok in tokens[:-1]:
-        logits.append(_step(model, tok, cache))
+        logits.append(step_logits(model, tok, cache))
     return logits
+
+
+def divergence(ref_logits, got_logits) -> tuple[list[float], list[bool]]:
+    """Per step KL(ref || got) of next-token distributions, and top-1 agreement."""
+    kls, agree = [], []
+    for ref, got in zip(ref_logits, got_logits):
+        ref_lp, got_lp = F.log_softmax(ref, -1), F.log_softmax(got, -1)
+        kls.append(float((ref_lp.exp() * (ref_lp - got_lp)).sum()))
+        agree.append(bool(ref.argmax() == got.argmax()))
+    return kls, agree
 
 
 def _nll(logits: list[torch.Tensor], tokens: list[int]) -> float:
@@ -140,10 +159,9 @@ def _compare(
     cont_ids = None
     if continuation:
         cont_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([prompt_ids], device=model.device)
 
     def prefill(cache) -> torch.Tensor:
-        return model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].float()
+        return prefill_logits(model, prompt_ids, cache)
 
     results: list[MethodResult] = []
     with torch.inference_mode():
@@ -152,12 +170,12 @@ def _compare(
         t0 = time.perf_counter()
         full_cache = DynamicCache()
         full_first = prefill(full_cache)
-        ref_cont_cache = _copy_dynamic(full_cache) if cont_ids else None
-        ref_tokens, ref_logits = _greedy(model, full_first, full_cache, max_new_tokens, eos)
+        ref_cont_cache = copy.deepcopy(full_cache) if cont_ids else None
+        ref_tokens, ref_logits = greedy(model, full_first, full_cache, max_new_tokens, eos)
         full_time = time.perf_counter() - t0
         full_bytes = full_cache_nbytes(model, n_prompt + len(ref_tokens) - 1)
         if cont_ids:
-            full_cont_logits = _teacher_forced(model, full_first, ref_cont_cache, cont_ids)
+            full_cont_logits = teacher_forced(model, full_first, ref_cont_cache, cont_ids)
             full_ppl = math.exp(_nll(full_cont_logits, cont_ids))
         else:
             full_ppl = math.exp(_nll(ref_logits, ref_tokens))
@@ -190,21 +208,17 @@ def _compare(
             first = prefill(cache)
             tf_cache = cache.copy()
             cont_cache = cache.copy() if cont_ids else None
-            tokens, _ = _greedy(model, first, cache, max_new_tokens, eos)
+            tokens, _ = greedy(model, first, cache, max_new_tokens, eos)
             elapsed = time.perf_counter() - t0
             kept = [
                 [int(p.numel()) for p in cache.kept_positions(layer)]
                 for layer in range(facts.n_layers)
             ]
             nbytes = cache.nbytes()
-            tf_logits = _teacher_forced(model, first, tf_cache, ref_tokens)
-            kls, agree = [], []
-            for ref, got in zip(ref_logits, tf_logits):
-                ref_lp, got_lp = F.log_softmax(ref, -1), F.log_softmax(got, -1)
-                kls.append(float((ref_lp.exp() * (ref_lp - got_lp)).sum()))
-                agree.append(bool(ref.argmax() == got.argmax()))
+            tf_logits = teacher_forced(model, first, tf_cache, ref_tokens)
+            kls, agree = divergence(ref_logits, tf_logits)
             if cont_ids:
-                ppl = math.exp(_nll(_teacher_forced(model, first, cont_cache, cont_ids), cont_ids))
+                ppl = math.exp(_nll(teacher_forced(model, first, cont_cache, cont_ids), cont_ids))
             else:
                 ppl = math.exp(_nll(tf_logits, ref_tokens))
             text = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -237,9 +251,3 @@ def _compare(
         "ppl_on": "continuation" if cont_ids else "full cache's greedy continuation",
     }
     return Comparison(settings=settings, results=results)
-
-
-def _copy_dynamic(cache: DynamicCache) -> DynamicCache:
-    import copy
-
-    return copy.deepcopy(cache)

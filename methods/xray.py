@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import polars as pl
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 from methods.cache import CompressedCache
+from methods.evaluate import divergence, greedy, prefill_logits, teacher_forced
 from methods.registry import create
 from probes.capture import capture
 from probes.errors import KvlensError
@@ -58,21 +58,6 @@ class XRay:
         }
 
 
-def _step(model, token: int, cache) -> torch.Tensor:
-    ids = torch.tensor([[token]], device=model.device)
-    return model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].float()
-
-
-def _greedy(model, ids: torch.Tensor, cache, n: int) -> tuple[list[int], list[torch.Tensor]]:
-    logits = [model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].float()]
-    tokens = []
-    for i in range(n):
-        tokens.append(int(logits[-1].argmax()))
-        if i < n - 1:
-            logits.append(_step(model, tokens[-1], cache))
-    return tokens, logits
-
-
 def xray(
     model, tokenizer, prompt_ids: list[int], spec: str, max_new_tokens: int = 16, top_heads: int = 5
 ) -> XRay:
@@ -83,21 +68,21 @@ def xray(
     if max_new_tokens < 2:
         raise KvlensError(f"max-new-tokens must be >= 2 for an X-ray, got {max_new_tokens}")
     n = len(prompt_ids)
-    ids = torch.tensor([prompt_ids], device=model.device)
     with torch.inference_mode():
-        reference, ref_logits = _greedy(model, ids, DynamicCache(), max_new_tokens)
-        generated, _ = _greedy(model, ids, CompressedCache(model, create(spec)), max_new_tokens)
+        full_cache = DynamicCache()
+        reference, ref_logits = greedy(
+            model, prefill_logits(model, prompt_ids, full_cache), full_cache, max_new_tokens, set()
+        )
+        own = CompressedCache(model, create(spec))
+        generated, _ = greedy(
+            model, prefill_logits(model, prompt_ids, own), own, max_new_tokens, set()
+        )
         cache = CompressedCache(model, method)
         cache.record_xray()
-        tf_logits = [
-            model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].float()
-        ]
-        for tok in reference[:-1]:
-            tf_logits.append(_step(model, tok, cache))
-    kls = []
-    for ref, got in zip(ref_logits, tf_logits):
-        ref_lp, got_lp = F.log_softmax(ref, -1), F.log_softmax(got, -1)
-        kls.append(float((ref_lp.exp() * (ref_lp - got_lp)).sum()))
+        tf_logits = teacher_forced(
+            model, prefill_logits(model, prompt_ids, cache), cache, reference
+        )
+    kls, _agree = divergence(ref_logits, tf_logits)
     # the full model's attention rows along the same tokens: step s is the query of reference[s-1]
     full = capture(model, tokenizer, prompt_ids, attention="stats", kv=False, forced=reference[:-1])
     group = full.model.n_heads // full.model.n_kv_heads
