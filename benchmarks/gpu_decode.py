@@ -1,56 +1,137 @@
-"""GPU benchmark (first part of issue 12): sparse decode over a compact evicted cache vs fp16
-SDPA decode over the full cache; 32 q / 8 kv heads, d 128, fp16. Prints times, speed-ups and
-the bandwidth reached on the bytes each reads.
+"""GPU benchmark of issue 12: one decode step over the KV cache, 32 q / 8 kv heads, d 128, fp16.
 
-    python benchmarks/gpu_decode.py [--lengths 8192,32768,131072] [--batches 1,8]
+fp16 SDPA over the full cache vs kvlens quantised decode (KIVI layout, int4 and int2, keys per
+channel in groups of --group tokens, values per token, a full-precision residual of --residual
+tokens) vs sparse decode over compact caches keeping 10% and 25% of the tokens. Each time is
+the median of CUDA-graph replays (triton.testing.do_bench_cudagraph), so Python launch cost is
+left out for every contender alike. Prints speed-ups over SDPA measured in this run and the
+bandwidth reached on the bytes each actually reads, against this GPU's measured copy rate.
+
+    python benchmarks/gpu_decode.py [--lengths 8192,32768,131072] [--batches 1,8] [--sweep]
 """
 
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
+from kernels.quant_decode import QuantKV, quant_decode_triton
+from kernels.quantize import quantize_groups_triton
 from kernels.sparse_decode import sparse_decode_triton
+
+HQ, HKV, D = 32, 8, 128
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a device-to-device copy of 1 GiB (read + write counted), the
+    best of plain and CUDA-graph timing."""
+    src = torch.empty(2**29, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = min(do_bench(lambda: dst.copy_(src)), do_bench_cudagraph(lambda: dst.copy_(src)))
+    return 2 * src.nbytes / ms / 1e-3
+
+
+def quant_cache(k, v, bits, group, residual):
+    b, h, t, d = k.shape
+    n = (t - residual) // group * group
+    blocks = quantize_groups_triton(
+        k[:, :, :n].reshape(b * h, n, d), v[:, :, :n].reshape(b * h, n, d),
+        key_bits=bits, value_bits=bits, group=group, key_per_channel=True,
+    )  # fmt: skip
+    parts = [getattr(blocks, f) for f in blocks.__dataclass_fields__]
+    parts = [p.reshape(b, h, *p.shape[1:]) for p in parts]
+    rk, rv = k[:, :, n:].contiguous(), v[:, :, n:].contiguous()
+    return QuantKV(*parts, rk, rv, n, t - n, bits, bits, group, True)
+
+
+def cache_bytes(cache: QuantKV) -> int:
+    tensors = [getattr(cache, f) for f in cache.__dataclass_fields__]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", default="8192,32768,131072")
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--residual", type=int, default=128)
+    parser.add_argument("--sweep", action="store_true", help="block/warp/stage sweep at 128k")
     args = parser.parse_args()
+    bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(
-        "| batch | tokens | SDPA ms | SDPA TB/s | sparse 25% ms | speed-up | TB/s | sparse 10% ms | speed-up | TB/s |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"copy bandwidth: {bw / 1e12:.2f} TB/s; times: median of CUDA-graph replays, us")
+    cols = ["SDPA fp16", "int4", "int2", "sparse 25%", "sparse 10%"]
+    print("| batch | tokens | " + " | ".join(f"{c} us | x | % copy" for c in cols) + " |")
+    print("|---:|---:|" + "---:|---:|---:|" * len(cols))
+    scale = D**-0.5
     for b in [int(x) for x in args.batches.split(",")]:
         for t in [int(x) for x in args.lengths.split(",")]:
-            if b * t * 8 * 128 * 2 * 2 > 40 * 2**30:
-                continue
             g = torch.Generator(device="cuda").manual_seed(t)
-            q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.float16, generator=g)
-            k = torch.randn(b, 8, t, 128, device="cuda", dtype=torch.float16, generator=g)
-            v = torch.randn(b, 8, t, 128, device="cuda", dtype=torch.float16, generator=g)
-            ms_sdpa = do_bench(
-                lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-            )
-            full_bytes = k.numel() * 2 * 2
-            row = f"| {b} | {t} | {ms_sdpa:.3f} | {full_bytes / ms_sdpa / 1e9:.2f} |"
+            q = torch.randn(b, HQ, D, device="cuda", dtype=torch.float16, generator=g)
+            k = torch.randn(b, HKV, t, D, device="cuda", dtype=torch.float16, generator=g)
+            v = torch.randn(b, HKV, t, D, device="cuda", dtype=torch.float16, generator=g)
+            runs = []  # (fn, bytes read)
+            q4 = q[:, :, None]
+            sdpa = partial(F.scaled_dot_product_attention, q4, k, v, enable_gqa=True)
+            runs.append((sdpa, 2 * k.nbytes))
+            for bits in (4, 2):
+                c = quant_cache(k, v, bits, args.group, args.residual)
+                runs.append((partial(quant_decode_triton, q, c, scale=scale), cache_bytes(c)))
             for frac in (0.25, 0.10):
                 kept = int(t * frac)
                 kc, vc = k[:, :, :kept].contiguous(), v[:, :, :kept].contiguous()
-                lengths = torch.full((b, 8), kept, device="cuda", dtype=torch.int32)
-                split = max(256, kept // 16)
-                ms = do_bench(
-                    lambda kc=kc, vc=vc, lengths=lengths, split=split, q=q: sparse_decode_triton(
-                        q[:, :, 0], kc, vc, lengths, scale=128**-0.5, split_len=split
-                    )
-                )
-                row += f" {ms:.3f} | {ms_sdpa / ms:.2f} | {kc.numel() * 2 * 2 / ms / 1e9:.2f} |"
+                lengths = torch.full((b, HKV), kept, device="cuda", dtype=torch.int32)
+                fn = partial(sparse_decode_triton, q, kc, vc, lengths, scale=scale, max_length=kept)
+                runs.append((fn, 2 * kc.nbytes))
+            times = [do_bench_cudagraph(fn) * 1e3 for fn, _ in runs]
+            row = f"| {b} | {t} |"
+            for (_, nbytes), us in zip(runs, times, strict=True):
+                row += f" {us:.1f} | {times[0] / us:.2f} | {100 * nbytes / (us * 1e-6) / bw:.0f} |"
             print(row, flush=True)
+            del runs
+            torch.cuda.empty_cache()
+    if args.sweep:
+        sweep(scale, args.group, args.residual)
+
+
+def sweep(scale: float, group: int, residual: int) -> None:
+    t = 131072
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, HQ, D, device="cuda", dtype=torch.float16, generator=g)
+    k = torch.randn(1, HKV, t, D, device="cuda", dtype=torch.float16, generator=g)
+    v = torch.randn(1, HKV, t, D, device="cuda", dtype=torch.float16, generator=g)
+    print("\nsweep at 128k, batch 1 (us)")
+    configs = [(bn, w, s) for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
+    for bits in (4, 2):
+        c = quant_cache(k, v, bits, group, residual)
+        for fast in (True, False):
+            for block_n, warps, stages in configs:
+                fn = partial(
+                    quant_decode_triton, q, c, scale=scale, block_n=block_n, num_warps=warps,
+                    num_stages=stages, fast_unpack=fast,
+                )  # fmt: skip
+                _report(f"int{bits} ptx={fast} bn={block_n} w={warps} s={stages}", fn)
+    kept = t // 10
+    kc, vc = k[:, :, :kept].contiguous(), v[:, :, :kept].contiguous()
+    lengths = torch.full((1, HKV), kept, device="cuda", dtype=torch.int32)
+    for block_n in (32, 64, 128):
+        for split in (None, 512, 1024, 2048):
+            fn = partial(
+                sparse_decode_triton, q, kc, vc, lengths, scale=scale, max_length=kept,
+                block_n=block_n, split_len=split,
+            )  # fmt: skip
+            _report(f"sparse10% bn={block_n} split={split}", fn)
+
+
+def _report(label: str, fn) -> None:
+    try:
+        print(f"{label}: {do_bench_cudagraph(fn) * 1e3:.1f}", flush=True)
+    except Exception as exc:  # a configuration that does not compile or run
+        print(f"{label}: failed {exc!r:.80}", flush=True)
 
 
 if __name__ == "__main__":

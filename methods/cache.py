@@ -24,6 +24,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kernels.attention_stats import attention_stats_reference
+from kernels.sparse_decode import sparse_decode
 from methods.base import Method, Observation
 from probes.attention import hand_over
 from probes.errors import KvlensError
@@ -31,57 +32,115 @@ from probes.models import model_facts
 
 
 class HeadStore:
-    """Per-KV-head storage of kept tokens: keys, values, positions and method state."""
+    """Per-KV-head storage of kept tokens: keys, values, positions and method state.
+
+    Held in capacity buffers [Hkv, C, ...] (grown by doubling, shrunk after eviction) where
+    head h uses rows [0, length_h): the layout ``kernels.sparse_decode`` reads directly.
+    ``keys[h]`` etc. are views of those rows, so in-place edits (merging) land in the store.
+    Bytes reported are those of the rows in use.
+    """
 
     def __init__(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
-        empty = torch.empty(0, head_dim, dtype=dtype, device=device)
-        self.keys = [empty.clone() for _ in range(n_kv_heads)]
-        self.values = [empty.clone() for _ in range(n_kv_heads)]
-        self.positions = [
-            torch.empty(0, dtype=torch.int32, device=device) for _ in range(n_kv_heads)
-        ]
-        self.aux: dict[str, list[torch.Tensor]] = {}
+        self._keys = torch.empty(n_kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self._values = torch.empty_like(self._keys)
+        self._positions = torch.empty(n_kv_heads, 0, dtype=torch.int32, device=device)
+        self._aux: dict[str, torch.Tensor] = {}
+        self._lengths = [0] * n_kv_heads
 
     @property
     def n_heads(self) -> int:
-        return len(self.keys)
+        return len(self._lengths)
 
     def lengths(self) -> list[int]:
-        return [int(p.numel()) for p in self.positions]
+        return list(self._lengths)
+
+    def _views(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        return [buf[h, :n] for h, n in enumerate(self._lengths)]
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        return self._views(self._keys)
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return self._views(self._values)
+
+    @property
+    def positions(self) -> list[torch.Tensor]:
+        return self._views(self._positions)
+
+    @property
+    def aux(self) -> dict[str, list[torch.Tensor]]:
+        return {name: self._views(buf) for name, buf in self._aux.items()}
+
+    def _resize(self, capacity: int) -> None:
+        def moved(buf: torch.Tensor) -> torch.Tensor:
+            out = buf.new_zeros(buf.shape[0], capacity, *buf.shape[2:])
+            n = min(capacity, buf.shape[1])
+            out[:, :n] = buf[:, :n]
+            return out
+
+        self._keys, self._values = moved(self._keys), moved(self._values)
+        self._positions = moved(self._positions)
+        self._aux = {name: moved(buf) for name, buf in self._aux.items()}
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """keys/values [Hkv, T, D]; positions [T]."""
+        t = keys.shape[1]
+        need = max(self._lengths) + t
+        if need > self._keys.shape[1]:
+            self._resize(max(need, 2 * self._keys.shape[1]))
         pos = positions.to(torch.int32)
-        for h in range(self.n_heads):
-            self.keys[h] = torch.cat([self.keys[h], keys[h]])
-            self.values[h] = torch.cat([self.values[h], values[h]])
-            self.positions[h] = torch.cat([self.positions[h], pos])
-            for per_head in self.aux.values():
-                pad = torch.zeros(pos.numel(), dtype=per_head[h].dtype, device=per_head[h].device)
-                per_head[h] = torch.cat([per_head[h], pad])
+        if len(set(self._lengths)) == 1:  # every head the same length: one copy per tensor
+            n = self._lengths[0]
+            self._keys[:, n : n + t] = keys
+            self._values[:, n : n + t] = values
+            self._positions[:, n : n + t] = pos
+            for buf in self._aux.values():
+                buf[:, n : n + t] = 0
+        else:
+            for h, n in enumerate(self._lengths):
+                self._keys[h, n : n + t] = keys[h]
+                self._values[h, n : n + t] = values[h]
+                self._positions[h, n : n + t] = pos
+                for buf in self._aux.values():
+                    buf[h, n : n + t] = 0
+        self._lengths = [n + t for n in self._lengths]
 
     def aux_state(self, name: str, dtype=torch.float32) -> list[torch.Tensor]:
         """Per-token method state (zero for new tokens), gathered with the tokens on eviction."""
-        if name not in self.aux:
-            self.aux[name] = [
-                torch.zeros(p.numel(), dtype=dtype, device=p.device) for p in self.positions
-            ]
-        return self.aux[name]
+        if name not in self._aux:
+            self._aux[name] = torch.zeros(
+                self._positions.shape, dtype=dtype, device=self._positions.device
+            )
+        return self._views(self._aux[name])
 
     def keep(self, head: int, index: torch.Tensor) -> None:
         """Keep only the tokens at ``index`` (any order; stored in position order)."""
-        index = index.sort().values
-        self.keys[head] = self.keys[head][index].contiguous()
-        self.values[head] = self.values[head][index].contiguous()
-        self.positions[head] = self.positions[head][index].contiguous()
-        for per_head in self.aux.values():
-            per_head[head] = per_head[head][index].contiguous()
+        index = index.sort().values.to(self._keys.device)
+        m = index.numel()
+        for buf in (self._keys, self._values, self._positions, *self._aux.values()):
+            buf[head, :m] = buf[head, index]  # the gather copies before the rows are written
+        self._lengths[head] = m
+
+    def shrink(self) -> None:
+        """Give back capacity far beyond the longest head (after an eviction at prefill)."""
+        longest = max(self._lengths)
+        if self._keys.shape[1] > 2 * longest + 256:
+            self._resize(longest + 256)
+
+    def decode(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of one token's queries [Hq, D] over the kept rows (sparse decode)."""
+        lengths = torch.tensor([self._lengths], dtype=torch.int32, device=query.device)
+        return sparse_decode(
+            query[None], self._keys[None], self._values[None], lengths,
+            scale=scale, max_length=max(self._lengths),
+        )[0]  # fmt: skip
 
     def nbytes(self) -> int:
-        tensors = [*self.keys, *self.values, *self.positions]
-        for per_head in self.aux.values():
-            tensors.extend(per_head)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        per_token = self._keys.shape[2] * self._keys.element_size() * 2 + 4
+        per_token += sum(buf.element_size() for buf in self._aux.values())
+        return sum(self._lengths) * per_token
 
 
 class CompressedLayer(CacheLayerMixin):

@@ -1,8 +1,8 @@
 """A store whose prompt part is re-encoded once after prefill (low rank, pruned channels,
 merged layers, mixed precision, ...) while later tokens stay in full precision.
 
-Before ``encode`` it behaves exactly like ``HeadStore``. ``encode(h, encoding)`` replaces head
-h's current tokens with an ``Encoding``: any object that can rebuild keys, values and
+Before ``encode`` it holds per-head full-precision tokens. ``encode(h, encoding)`` replaces
+head h's current tokens with an ``Encoding``: any object that can rebuild keys, values and
 positions and counts the bytes it holds. Tokens appended afterwards form a full-precision tail.
 """
 
@@ -14,7 +14,6 @@ from typing import Protocol
 import torch
 
 from methods.base import Method, Observation
-from methods.cache import HeadStore
 
 
 class Encoding(Protocol):
@@ -32,8 +31,10 @@ class EncodedStore:
     """Per KV head: an optional encoding of the prompt, then a full-precision tail."""
 
     def __init__(self, n_kv_heads: int, head_dim: int, dtype, device) -> None:
-        base = HeadStore(n_kv_heads, head_dim, dtype, device)
-        self.tail_keys, self.tail_values, self.tail_pos = base.keys, base.values, base.positions
+        empty = torch.empty(0, head_dim, dtype=dtype, device=device)
+        self.tail_keys = [empty.clone() for _ in range(n_kv_heads)]
+        self.tail_values = [empty.clone() for _ in range(n_kv_heads)]
+        self.tail_pos = [torch.empty(0, dtype=torch.int32, device=device)] * n_kv_heads
         self.encodings: list[Encoding | None] = [None] * n_kv_heads
 
     @property

@@ -58,7 +58,10 @@ def quantize(x: torch.Tensor, bits: int, dim: int) -> Quantized:
     lo = xf.amin(dim, keepdim=True).half()
     hi = xf.amax(dim, keepdim=True).half()
     step = ((hi.float() - lo.float()) / (2**bits - 1)).clamp_min(1e-8).half()
-    codes = torch.round((xf - lo.float()) / step.float()).clamp(0, 2**bits - 1).to(torch.uint8)
+    # a constant group whose fp16 step underflows to 0 gets code 0 (dequantises to lo exactly)
+    ok = step.float() > 0
+    codes = torch.round((xf - lo.float()) / torch.where(ok, step.float(), 1.0))
+    codes = torch.where(ok, codes.clamp(0, 2**bits - 1), 0).to(torch.uint8)
     return Quantized(pack(codes, bits), step, lo, bits, x.shape[-1])
 
 

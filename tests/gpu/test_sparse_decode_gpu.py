@@ -21,3 +21,26 @@ def test_sparse_decode_matches_reference(bsz, cap):
     got = sparse_decode_triton(q, k, v, lengths, scale=128**-0.5)
     want = sparse_decode_reference(q, k, v, lengths, scale=128**-0.5)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sparse_decode_matches_sdpa_over_the_kept_rows(dtype):
+    import torch.nn.functional as F
+
+    from kernels.sparse_decode import sparse_decode
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    cap, kept = 4096, [410, 1024, 3000, 4096, 1, 77, 2048, 999]
+    q = torch.randn(1, 32, 128, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(1, 8, cap, 128, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(1, 8, cap, 128, device="cuda", dtype=dtype, generator=g)
+    got = sparse_decode(q, k, v, torch.tensor([kept], device="cuda"), scale=0.1).float()
+    for h, n in enumerate(kept):
+        want = F.scaled_dot_product_attention(
+            q[:, 4 * h : 4 * h + 4, None],
+            k[:, h : h + 1, :n],
+            v[:, h : h + 1, :n],
+            scale=0.1,
+            enable_gqa=True,
+        )[:, :, 0].float()
+        torch.testing.assert_close(got[:, 4 * h : 4 * h + 4], want, atol=1e-2, rtol=1e-2)

@@ -1,0 +1,128 @@
+"""What the split-sequence (flash-decoding) decode kernels share: how the sequence is cut into
+splits, the online-softmax step over one block of full-precision keys, and the kernel that
+combines the splits' partial outputs by their log-sum-exp.
+
+A decode kernel runs one program per (batch, KV head, split). The program holds every query
+head of the KV group (padded to at least 16 rows so that products run on tensor cores), walks
+its slice of the sequence, and writes a partial output [GROUP_PAD, D] and a base-2 log-sum-exp
+per row into ``o_part`` / ``l_part`` laid out as [B, Hkv, n_splits, GROUP_PAD(, D)]. Then
+``combine_splits`` weights each split by exp2(lse - max lse) and writes [B, Hq, D].
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+try:  # Triton is optional on CPU-only installs
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+
+LOG2E = 1.4426950408889634
+
+
+def group_pad(group: int) -> int:
+    """Rows a program holds for ``group`` query heads: a power of two, at least 16 (tl.dot)."""
+    return max(16, 1 << (group - 1).bit_length())
+
+
+def plan_splits(length: int, programs: int, block_n: int, device: torch.device) -> int:
+    """Split length (a multiple of ``block_n``) so that ``programs`` x splits fills the GPU
+    about four times over, with at least one block per split."""
+    sms = _sm_count(device) if device.type == "cuda" else 4  # interpreter: exercise the combine
+    blocks = max(1, math.ceil(length / block_n))
+    n_splits = max(1, min(blocks, math.ceil(4 * sms / max(1, programs))))
+    return math.ceil(blocks / n_splits) * block_n
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def partial_buffers(bsz: int, hkv: int, n_splits: int, gp: int, d: int, device):
+    f32 = {"device": device, "dtype": torch.float32}
+    return (
+        torch.empty(bsz * hkv * n_splits * gp, d, **f32),
+        torch.empty(bsz * hkv * n_splits * gp, **f32),
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def softmax_block(q, k, v, ok, m_i, l_i, acc, scale_log2):
+        """One online-softmax step: q [GP, D], k/v [BN, D] (q's dtype), ok [BN] valid keys."""
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def store_partial(O_PART, L_PART, row0, m_i, l_i, acc, GP: tl.constexpr, D: tl.constexpr):
+        """Write a program's normalised partial output and base-2 LSE at rows row0 + [0, GP)."""
+        rows = row0 + tl.arange(0, GP)
+        positive = l_i > 0
+        denom = tl.where(positive, l_i, 1.0)
+        tl.store(O_PART + rows[:, None] * D + tl.arange(0, D)[None, :], acc / denom[:, None])
+        tl.store(L_PART + rows, tl.where(positive, m_i + tl.log2(denom), float("-inf")))
+
+    @triton.jit
+    def _combine_kernel(
+        O_PART, L_PART, OUT, H_Q, N_SPLITS,
+        GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPLITS_PAD: tl.constexpr,
+        CHUNK: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)  # b * H_Q + query head
+        b = row // H_Q
+        hq = row % H_Q
+        h_kv = H_Q // GROUP
+        base = (b * h_kv + hq // GROUP) * N_SPLITS * GP + hq % GROUP
+        offs_s = tl.arange(0, SPLITS_PAD)
+        lse = tl.load(L_PART + base + offs_s * GP, mask=offs_s < N_SPLITS, other=float("-inf"))
+        m = tl.max(lse, 0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        total = tl.sum(tl.exp2(lse - m_safe), 0)
+        total = tl.where(total > 0, total, 1.0)
+        offs_d = tl.arange(0, D)
+        out = tl.zeros([D], tl.float32)
+        for s0 in range(0, N_SPLITS, CHUNK):
+            offs_c = s0 + tl.arange(0, CHUNK)
+            ok = offs_c < N_SPLITS
+            w = tl.exp2(tl.load(L_PART + base + offs_c * GP, mask=ok, other=float("-inf")) - m_safe)
+            o = tl.load(
+                O_PART + (base + offs_c * GP)[:, None] * D + offs_d[None, :],
+                mask=ok[:, None],
+                other=0.0,
+            )
+            out += tl.sum(w[:, None] * o, 0)
+        tl.store(OUT + row * D + offs_d, (out / total).to(OUT.dtype.element_ty))
+
+
+def combine_splits(
+    o_part: torch.Tensor, l_part: torch.Tensor, bsz: int, hq: int, group: int, n_splits: int,
+    d: int, dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """[B, Hq, D] in ``dtype``: the splits' partial outputs weighted by their LSE."""
+    out = torch.empty(bsz, hq, d, device=o_part.device, dtype=dtype)
+    _combine_kernel[(bsz * hq,)](
+        o_part, l_part, out, hq, n_splits,
+        GROUP=group, GP=group_pad(group), D=d,
+        SPLITS_PAD=max(16, triton.next_power_of_2(n_splits)), CHUNK=16,
+    )  # fmt: skip
+    return out
+
+
+def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Reference decode of one KV head: q [G, D] over k/v [L, D], float32 softmax."""
+    p = torch.softmax(q.float() @ k.float().T * scale, dim=-1)
+    return p @ v.float()

@@ -1,0 +1,64 @@
+"""Quantise-and-pack: the reference is methods.quant's arithmetic in the decode layout, codes
+dequantise within half a step, and the Triton kernel in the interpreter gives the same bytes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.quantize import quantize_groups
+from methods.quant import unpack
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_codes_dequantise_within_half_a_step(bits, per_channel):
+    torch.manual_seed(bits)
+    keys, values = torch.randn(3, 64, 32) * 4, torch.randn(3, 64, 32)
+    out = quantize_groups(
+        keys, values, key_bits=bits, value_bits=bits, group=16, key_per_channel=per_channel
+    )
+    assert out.key_codes.shape == (3, 64, 32 * bits // 8)
+    kc = unpack(out.key_codes, bits, 32).float()
+    if per_channel:
+        assert out.key_scale.shape == (3, 4, 32)
+        ks = out.key_scale.float().repeat_interleave(16, 1)
+        kz = out.key_zero.float().repeat_interleave(16, 1)
+    else:
+        ks, kz = out.key_scale.float()[..., None], out.key_zero.float()[..., None]
+    k = kc * ks + kz
+    step = ks.expand_as(k)
+    assert ((k - keys).abs() <= step / 2 + 1e-3 * step + 2e-3).all()
+    v = unpack(out.value_codes, bits, 32).float() * out.value_scale.float()[..., None]
+    v = v + out.value_zero.float()[..., None]
+    assert ((v - values).abs() <= out.value_scale.float()[..., None] / 2 + 2e-3).all()
+
+
+def test_tokens_that_are_not_whole_groups_are_refused():
+    x = torch.randn(1, 20, 16)
+    with pytest.raises(ValueError, match="whole groups"):
+        quantize_groups(x, x, key_bits=2, value_bits=2, group=16, key_per_channel=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("script,cases", [("quantize_check.py", 4), ("quant_decode_check.py", 5)])
+def test_kernels_match_references_in_the_interpreter(script, cases):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, f"tests/kernels/{script}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert f"ok: {cases} cases" in result.stdout
