@@ -120,11 +120,28 @@ def sweep(scale: float, group: int, residual: int) -> None:
     lengths = torch.full((1, HKV), kept, device="cuda", dtype=torch.int32)
     for block_n in (32, 64, 128):
         for split in (None, 512, 1024, 2048):
+            if block_n == 32 and split:
+                continue
             fn = partial(
                 sparse_decode_triton, q, kc, vc, lengths, scale=scale, max_length=kept,
                 block_n=block_n, split_len=split,
             )  # fmt: skip
             _report(f"sparse10% bn={block_n} split={split}", fn)
+    del k, v, kc, vc
+    torch.cuda.empty_cache()
+    print("sparse 10% at batch 8, 32k and 128k: splits planned for 1, 2 or 4 waves (us)")
+    for t in (32768, 131072):
+        kept = t // 10
+        q8 = torch.randn(8, HQ, D, device="cuda", dtype=torch.float16, generator=g)
+        kc = torch.randn(8, HKV, kept, D, device="cuda", dtype=torch.float16, generator=g)
+        vc = torch.randn_like(kc)
+        lengths = torch.full((8, HKV), kept, device="cuda", dtype=torch.int32)
+        for waves in (1, 2, 4):
+            fn = partial(
+                sparse_decode_triton, q8, kc, vc, lengths, scale=scale, max_length=kept,
+                waves=waves,
+            )  # fmt: skip
+            _report(f"sparse10% T={t} B=8 waves={waves}", fn)
 
 
 def _report(label: str, fn) -> None:

@@ -86,6 +86,7 @@ def sparse_decode_triton(
     split_len: int | None = None,
     block_n: int = 64,
     max_length: int | None = None,
+    waves: int = 1,
 ) -> torch.Tensor:
     """Launch the split kernel, then combine the splits' partial outputs by their LSE.
 
@@ -96,7 +97,8 @@ def sparse_decode_triton(
     gp = group_pad(group)
     longest = int(lengths.max()) if max_length is None else max_length
     if split_len is None:
-        split_len = plan_splits(longest, bsz * hkv, block_n, q.device)
+        # one wave of long splits: measured fastest at batch 1 (benchmarks/RESULTS.md)
+        split_len = plan_splits(longest, bsz * hkv, block_n, q.device, waves=waves)
     n_splits = max(1, math.ceil(longest / split_len))
     o_part, l_part = partial_buffers(bsz, hkv, n_splits, gp, d, q.device)
     lengths_i = lengths.to(device=q.device, dtype=torch.int32).contiguous()

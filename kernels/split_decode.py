@@ -30,12 +30,14 @@ def group_pad(group: int) -> int:
     return max(16, 1 << (group - 1).bit_length())
 
 
-def plan_splits(length: int, programs: int, block_n: int, device: torch.device) -> int:
+def plan_splits(
+    length: int, programs: int, block_n: int, device: torch.device, waves: int = 4
+) -> int:
     """Split length (a multiple of ``block_n``) so that ``programs`` x splits fills the GPU
-    about four times over, with at least one block per split."""
+    ``waves`` times over, with at least one block per split."""
     sms = _sm_count(device) if device.type == "cuda" else 4  # interpreter: exercise the combine
     blocks = max(1, math.ceil(length / block_n))
-    n_splits = max(1, min(blocks, math.ceil(4 * sms / max(1, programs))))
+    n_splits = max(1, min(blocks, math.ceil(waves * sms / max(1, programs))))
     return math.ceil(blocks / n_splits) * block_n
 
 

@@ -36,11 +36,11 @@ class Observation:
     n_seen: int
     scale: float
     positions: list[torch.Tensor]
-    keys: list[torch.Tensor]
-    received: list[torch.Tensor]
-    window: list[torch.Tensor]
-    last: list[torch.Tensor]
-    window_queries: list[torch.Tensor]  # [G, W, D]: the last W queries of this call
+    keys: list[torch.Tensor] | None  # None (with the three statistics) on kernel decode steps
+    received: list[torch.Tensor] | None
+    window: list[torch.Tensor] | None
+    last: list[torch.Tensor] | None
+    window_queries: list[torch.Tensor] | None  # [G, W, D]: the last W queries of this call
 
     def window_logits(self, head: int) -> torch.Tensor:
         """Scaled scores [G, W, L_h] of the window queries, -inf where causally masked."""
@@ -60,6 +60,10 @@ class Method:
     family: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    #: whether ``compress`` reads attention statistics (received/window/last/keys) on decoding
+    #: steps; methods that do not (position rules, prefill-only eviction, quantisation) let
+    #: the cache decode through the store's kernel, and get those Observation fields as None
+    decode_needs_attention: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self.validate()

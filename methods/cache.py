@@ -23,7 +23,7 @@ import copy
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kernels.attention_stats import attention_stats_reference
+from kernels.attention_stats import attention_stats_reference, attention_with_stats
 from kernels.sparse_decode import sparse_decode
 from methods.base import Method, Observation
 from probes.attention import hand_over
@@ -39,6 +39,8 @@ class HeadStore:
     ``keys[h]`` etc. are views of those rows, so in-place edits (merging) land in the store.
     Bytes reported are those of the rows in use.
     """
+
+    supports_decode = True  # ``decode`` reads the buffers with kernels.sparse_decode
 
     def __init__(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
         self._keys = torch.empty(n_kv_heads, 0, head_dim, dtype=dtype, device=device)
@@ -161,6 +163,9 @@ class CompressedLayer(CacheLayerMixin):
         #: positions each KV head's queries attended over, positions kept after compression)
         self.history: list[tuple[int, int, list[torch.Tensor], list[torch.Tensor]]] = []
         self.record_history = False
+        #: decode steps through the store's kernel where the method allows (False: always
+        #: the statistics path, e.g. to compare the two)
+        self.use_decode_kernels = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -196,14 +201,37 @@ class CompressedLayer(CacheLayerMixin):
         group = hq // store.n_heads
         new_pos = torch.arange(self.n_seen, self.n_seen + tq, device=query.device)
         store.append(key[0], value[0], new_pos)
+        if tq == 1 and sliding_window is None and self.decodes_from_store():
+            return self._decode_step(query, scale)
         window = max(1, min(tq, self.method.observation_window()))
         out = torch.empty_like(query)
         received, win, last, window_queries = [], [], [], []
         # read once per call: encoded and quantised stores rebuild these on every read
         all_keys, all_values = store.keys, store.values
         all_pos = [p.to(torch.int64) for p in store.positions]
+        if self.n_seen == 0 and all(p.numel() == tq for p in all_pos):
+            # the first prefill: every head holds the whole causal prompt, one dispatched call
+            # (the Triton statistics kernels on CUDA) covers all heads
+            o, st = attention_with_stats(
+                query[0],
+                torch.stack(all_keys),
+                torch.stack(all_values),
+                scale=scale,
+                window=window,
+                sliding_window=sliding_window,
+            )
+            out[0] = o
         for h in range(store.n_heads):
             q_h = query[0, h * group : (h + 1) * group]  # [G, Tq, D]
+            if self.n_seen == 0 and all(p.numel() == tq for p in all_pos):
+                rows = slice(h * group, (h + 1) * group)
+                received.append(st.received[rows])
+                win.append(st.window[rows])
+                last.append(
+                    st.received[rows] if tq == 1 else _last_row(q_h[:, -1], all_keys[h], scale)
+                )
+                window_queries.append(q_h[:, -window:])
+                continue
             pos = all_pos[h]
             contiguous = pos.numel() == self.n_seen + tq and self.n_seen == 0
             mask = None
@@ -243,12 +271,52 @@ class CompressedLayer(CacheLayerMixin):
             window_queries=window_queries,
         )
         self.method.compress(store, obs)
+        if obs.prefill and hasattr(store, "shrink"):
+            store.shrink()  # an eviction at prefill frees most of the capacity
         self.prefill_compressions += int(obs.prefill)
         self.prefilled = True
         if self.record_history:
             kept = [p.to(torch.int64).cpu() for p in store.positions]
             self.history.append((self.n_seen, tq, attended, kept))
         return out
+
+    def decodes_from_store(self) -> bool:
+        """Decode steps read the store through its decode kernel (sparse or quantised) when
+        the method needs no attention statistics while decoding and the store can."""
+        return (
+            self.use_decode_kernels
+            and not self.method.decode_needs_attention
+            and getattr(self.store, "supports_decode", False)
+        )
+
+    def _decode_step(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """One decoding token: attention by the store's kernel, then the method sees positions
+        only (the statistics fields of its Observation are None)."""
+        store = self.store
+        out = store.decode(query[0, :, 0], scale)[None, :, None]
+        self.n_seen += 1
+        positions = [p.to(torch.int64) for p in store.positions]
+        attended = [p.cpu() for p in positions] if self.record_history else []
+        obs = Observation(
+            layer=self.layer_idx,
+            n_layers=self.n_layers,
+            prefill=False,
+            n_queries=1,
+            n_seen=self.n_seen,
+            scale=scale,
+            positions=positions,
+            keys=None,
+            received=None,
+            window=None,
+            last=None,
+            window_queries=None,
+        )
+        self.method.compress(store, obs)
+        self.prefilled = True
+        if self.record_history:
+            kept = [p.to(torch.int64).cpu() for p in store.positions]
+            self.history.append((self.n_seen, 1, attended, kept))
+        return out.to(query.dtype)
 
 
 def _last_row(q_last: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:

@@ -23,6 +23,7 @@ class RandomKeep(EvictionMethod):
     name: ClassVar[str] = "random"
     paper: ClassVar[str] = "baseline (uniform random eviction)"
     summary: ClassVar[str] = "`budget` prompt tokens chosen at random"
+    decode_needs_attention: ClassVar[bool] = False
 
     def scores(self, store, obs, head):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + obs.layer * 1009 + head)

@@ -20,6 +20,7 @@ class Recent(EvictionMethod):
     paper: ClassVar[str] = "baseline (sliding window without sinks)"
     summary: ClassVar[str] = "the last `budget` tokens"
     evict_while_decoding: ClassVar[bool] = True
+    decode_needs_attention: ClassVar[bool] = False
 
     def scores(self, store, obs, head):
         return obs.positions[head].float()

@@ -40,6 +40,7 @@ class SnapKV(EvictionMethod):
         "Li et al. 2024, SnapKV: LLM Knows What You are Looking for Before Generation"
     )
     summary: ClassVar[str] = "observation-window votes, pooled, at prefill"
+    decode_needs_attention: ClassVar[bool] = False
 
     def validate(self) -> None:
         super().validate()

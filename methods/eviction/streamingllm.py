@@ -27,6 +27,7 @@ class StreamingLLM(EvictionMethod):
     )
     summary: ClassVar[str] = "first `sinks` tokens + a recent window"
     evict_while_decoding: ClassVar[bool] = True
+    decode_needs_attention: ClassVar[bool] = False
 
     def validate(self) -> None:
         super().validate()

@@ -18,6 +18,7 @@ class Int8(Method):
     family: ClassVar[str] = "quantisation"
     paper: ClassVar[str] = "baseline (per-token 8-bit round-to-nearest)"
     summary: ClassVar[str] = "every token's keys and values in 8 bits, per-token scales"
+    decode_needs_attention: ClassVar[bool] = False
 
     def new_store(self, n_kv_heads, head_dim, dtype, device):
         return QuantHeadStore(

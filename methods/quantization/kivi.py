@@ -29,6 +29,7 @@ class KIVI(Method):
         "Liu et al. 2024, KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache"
     )
     summary: ClassVar[str] = "keys per channel, values per token, full-precision recent window"
+    decode_needs_attention: ClassVar[bool] = False
 
     def validate(self) -> None:
         require(self.bits in (2, 4, 8), self.name, f"bits must be 2, 4 or 8, got {self.bits}")

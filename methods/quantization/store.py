@@ -1,23 +1,37 @@
 """Storage of a quantised KV cache: packed codes per KV head, plus a full-precision residual.
 
 Tokens arrive in a full-precision residual window. After each attention call the method
-calls ``flush``: while the residual holds more than ``residual`` tokens, its oldest
-``group`` tokens are quantised — keys either per channel over the group's tokens (KIVI) or
-per token, values per token — and appended to stacked tensors of packed codes, float16
-scales and zero points. An optional orthonormal ``rotation`` (e.g. Hadamard) is applied to
-keys and values before quantisation and undone after dequantisation.
+calls ``flush``: while the residual holds more than ``residual`` tokens, its oldest whole
+groups of ``group`` tokens are quantised (``kernels.quantize``: keys either per channel over
+the group's tokens (KIVI) or per token, values per token) and appended to the code buffers.
+An optional orthonormal ``rotation`` (e.g. Hadamard) is applied to keys and values before
+quantisation and undone after dequantisation.
 
-Reading (``keys`` / ``values``) dequantises every stored block in one vectorised step on each
-attention call: that is the reference path. The bytes reported are those of the stored
-codes, scales, zeros, residual and positions; the dequantised tensors are transient scratch.
+Everything lives in capacity buffers (grown by doubling) in the layout the quantised decode
+kernel reads (``kernels.quant_decode.QuantKV``); ``layout()`` hands them over without a copy.
+Reading ``keys`` / ``values`` dequantises every stored block (the reference path). The bytes
+reported are those of the codes, scales, zeros, residual and positions in use; dequantised
+tensors are transient scratch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from methods.quant import Quantized, dequantize, quantize
+from kernels.quant_decode import QuantKV, dequantize_cache, quant_decode
+from kernels.quantize import quantize_groups
 from probes.errors import KvlensError
+
+
+def _grow(buf: torch.Tensor, rows: int) -> torch.Tensor:
+    """``buf`` [H, C, ...] with capacity of at least ``rows`` along dim 1 (doubling)."""
+    if rows <= buf.shape[1]:
+        return buf
+    out = buf.new_zeros(buf.shape[0], max(rows, 2 * buf.shape[1]), *buf.shape[2:])
+    out[:, : buf.shape[1]] = buf
+    return out
 
 
 class QuantHeadStore:
@@ -38,90 +52,141 @@ class QuantHeadStore:
         if key_grouping not in ("channel", "token"):
             raise ValueError("key_grouping must be channel or token")
         self.head_dim, self.dtype, self.device = head_dim, dtype, device
-        self.key_bits, self.value_bits, self.group, self.residual = (
-            key_bits,
-            value_bits,
-            group,
-            residual,
-        )
+        self.key_bits, self.value_bits = key_bits, value_bits
+        self.group, self.residual = group, residual
         self.key_grouping = key_grouping
         self.rotation = (
             None if rotation is None else rotation.to(device=device, dtype=torch.float32)
         )
-        empty = torch.empty(0, head_dim, dtype=dtype, device=device)
-        self.res_keys = [empty.clone() for _ in range(n_heads)]
-        self.res_values = [empty.clone() for _ in range(n_heads)]
-        self.pos = [torch.empty(0, dtype=torch.int32, device=device) for _ in range(n_heads)]
-        self.qkeys: list[Quantized | None] = [None] * n_heads
-        self.qvalues: list[Quantized | None] = [None] * n_heads
+        per_channel = key_grouping == "channel"
+        u8 = {"dtype": torch.uint8, "device": device}
+        f16 = {"dtype": torch.float16, "device": device}
+        h, d = n_heads, head_dim
+        self._kc = torch.zeros(h, 0, -(-d * key_bits // 8), **u8)
+        self._ks = torch.zeros((h, 0, d) if per_channel else (h, 0), **f16)
+        self._kz = torch.zeros_like(self._ks)
+        self._vc = torch.zeros(h, 0, -(-d * value_bits // 8), **u8)
+        self._vs = torch.zeros(h, 0, **f16)
+        self._vz = torch.zeros_like(self._vs)
+        self._rk = torch.zeros(h, 0, d, dtype=dtype, device=device)
+        self._rv = torch.zeros_like(self._rk)
+        self._pos = torch.zeros(0, dtype=torch.int32, device=device)
+        self.n_quant = 0
+        self.n_residual = 0
 
     @property
     def n_heads(self) -> int:
-        return len(self.pos)
+        return self._rk.shape[0]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_quant + self.n_residual
 
     def lengths(self) -> list[int]:
-        return [int(p.numel()) for p in self.pos]
+        return [self.n_tokens] * self.n_heads
 
     @property
     def positions(self) -> list[torch.Tensor]:
-        return self.pos
+        return [self._pos[: self.n_tokens]] * self.n_heads
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        for h in range(self.n_heads):
-            self.res_keys[h] = torch.cat([self.res_keys[h], keys[h]])
-            self.res_values[h] = torch.cat([self.res_values[h], values[h]])
-            self.pos[h] = torch.cat([self.pos[h], positions.to(torch.int32)])
+        """keys/values [H, T, D]; positions [T]."""
+        t, r = keys.shape[1], self.n_residual
+        self._rk, self._rv = _grow(self._rk, r + t), _grow(self._rv, r + t)
+        self._rk[:, r : r + t] = keys
+        self._rv[:, r : r + t] = values
+        n = self.n_tokens
+        if n + t > self._pos.shape[0]:
+            self._pos = _grow(self._pos[None], n + t)[0]
+        self._pos[n : n + t] = positions.to(torch.int32)
+        self.n_residual += t
 
     def flush(self) -> None:
         """Quantise the residual's oldest whole groups until at most ``residual`` tokens remain."""
-        for h in range(self.n_heads):
-            n_blocks = max(0, self.res_keys[h].shape[0] - self.residual) // self.group
-            if n_blocks == 0:
-                continue
-            cut = n_blocks * self.group
-            k = self._rotate(self.res_keys[h][:cut]).view(n_blocks, self.group, self.head_dim)
-            v = self._rotate(self.res_values[h][:cut]).view(n_blocks, self.group, self.head_dim)
-            qk = quantize(k, self.key_bits, dim=1 if self.key_grouping == "channel" else -1)
-            qv = quantize(v, self.value_bits, dim=-1)
-            self.qkeys[h] = _concat(self.qkeys[h], qk)
-            self.qvalues[h] = _concat(self.qvalues[h], qv)
-            self.res_keys[h] = self.res_keys[h][cut:].contiguous()
-            self.res_values[h] = self.res_values[h][cut:].contiguous()
+        cut = max(0, self.n_residual - self.residual) // self.group * self.group
+        if cut == 0:
+            return
+        blocks = quantize_groups(
+            self._rotate(self._rk[:, :cut]),
+            self._rotate(self._rv[:, :cut]),
+            key_bits=self.key_bits,
+            value_bits=self.value_bits,
+            group=self.group,
+            key_per_channel=self.key_grouping == "channel",
+        )
+        n, g = self.n_quant, self.group
+        self._kc, self._vc = _grow(self._kc, n + cut), _grow(self._vc, n + cut)
+        self._kc[:, n : n + cut] = blocks.key_codes
+        self._vc[:, n : n + cut] = blocks.value_codes
+        if self.key_grouping == "channel":
+            rows = slice(n // g, (n + cut) // g)
+            self._ks, self._kz = _grow(self._ks, rows.stop), _grow(self._kz, rows.stop)
+        else:
+            rows = slice(n, n + cut)
+            self._ks, self._kz = _grow(self._ks, n + cut), _grow(self._kz, n + cut)
+        self._ks[:, rows], self._kz[:, rows] = blocks.key_scale, blocks.key_zero
+        self._vs, self._vz = _grow(self._vs, n + cut), _grow(self._vz, n + cut)
+        self._vs[:, n : n + cut], self._vz[:, n : n + cut] = blocks.value_scale, blocks.value_zero
+        left = self.n_residual - cut
+        self._rk[:, :left] = self._rk[:, cut : self.n_residual].clone()
+        self._rv[:, :left] = self._rv[:, cut : self.n_residual].clone()
+        self.n_quant += cut
+        self.n_residual = left
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() if self.rotation is None else x.float() @ self.rotation
+        return x if self.rotation is None else x.float() @ self.rotation
 
-    def _restore(self, q: Quantized | None) -> torch.Tensor:
-        if q is None:
-            return torch.empty(0, self.head_dim, dtype=self.dtype, device=self.device)
-        x = dequantize(q).reshape(-1, self.head_dim)
-        if self.rotation is not None:
-            x = x @ self.rotation.T
-        return x.to(self.dtype)
+    def layout(self) -> QuantKV:
+        """The store's buffers as the decode kernel's [1, H, ...] layout (views, no copies)."""
+        return QuantKV(
+            self._kc[None], self._ks[None], self._kz[None],
+            self._vc[None], self._vs[None], self._vz[None],
+            self._rk[None], self._rv[None],
+            n_quant=self.n_quant, n_residual=self.n_residual,
+            key_bits=self.key_bits, value_bits=self.value_bits, group=self.group,
+            key_per_channel=self.key_grouping == "channel",
+        )  # fmt: skip
+
+    def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [H, n, D] in the model's dtype: dequantised codes, then residual."""
+        quantised = dataclasses.replace(self.layout(), n_residual=0)
+        if self.rotation is None:
+            k, v = dequantize_cache(quantised, self.dtype)
+        else:
+            k, v = dequantize_cache(quantised, torch.float32)
+            k, v = (k @ self.rotation.T).to(self.dtype), (v @ self.rotation.T).to(self.dtype)
+        r = self.n_residual
+        return torch.cat([k[0], self._rk[:, :r]], 1), torch.cat([v[0], self._rv[:, :r]], 1)
 
     @property
     def keys(self) -> list[torch.Tensor]:
-        return [
-            torch.cat([self._restore(self.qkeys[h]), self.res_keys[h]]) for h in range(self.n_heads)
-        ]
+        return list(self._dequantized()[0].unbind(0))
 
     @property
     def values(self) -> list[torch.Tensor]:
-        return [
-            torch.cat([self._restore(self.qvalues[h]), self.res_values[h]])
-            for h in range(self.n_heads)
-        ]
+        return list(self._dequantized()[1].unbind(0))
+
+    @property
+    def supports_decode(self) -> bool:
+        """The decode kernel reads the codes directly unless a rotation must be undone."""
+        return self.rotation is None
+
+    def decode(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of one token's queries [Hq, D] over the cache, read as stored."""
+        return quant_decode(query[None], self.layout(), scale=scale)[0]
 
     def quantized_tokens(self) -> int:
-        return sum(0 if q is None else q.packed.shape[0] * q.packed.shape[1] for q in self.qkeys)
+        return self.n_quant * self.n_heads
 
     def nbytes(self) -> int:
-        total = 0
-        for h in range(self.n_heads):
-            for q in (self.qkeys[h], self.qvalues[h]):
-                total += 0 if q is None else q.nbytes()
-            for t in (self.res_keys[h], self.res_values[h], self.pos[h]):
-                total += t.numel() * t.element_size()
+        n, r, h = self.n_quant, self.n_residual, self.n_heads
+        per_channel = self.key_grouping == "channel"
+        key_scale_rows = n // self.group if per_channel else n
+        total = (self._kc.shape[2] + self._vc.shape[2]) * n * h  # codes
+        total += 2 * 2 * key_scale_rows * self._ks[0, 0].numel() * h if n else 0  # key scale+zero
+        total += 2 * 2 * n * h  # value scale + zero, fp16 per token
+        total += 2 * r * self.head_dim * self._rk.element_size() * h  # residual keys + values
+        total += 4 * self.n_tokens * h  # int32 positions, per head
         if self.rotation is not None:
             total += self.rotation.numel() * 2  # one float16 rotation matrix per layer
         return total
@@ -131,15 +196,3 @@ class QuantHeadStore:
 
     def aux_state(self, name: str, dtype=torch.float32):
         raise KvlensError("a quantised cache keeps no per-token method state")
-
-
-def _concat(old: Quantized | None, new: Quantized) -> Quantized:
-    if old is None:
-        return new
-    return Quantized(
-        torch.cat([old.packed, new.packed]),
-        torch.cat([old.scale, new.scale]),
-        torch.cat([old.zero, new.zero]),
-        new.bits,
-        new.n,
-    )

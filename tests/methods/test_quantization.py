@@ -7,7 +7,7 @@ import torch
 
 from methods.cache import CompressedCache, full_cache_nbytes
 from methods.evaluate import compare
-from methods.quant import dequantize
+from methods.quant import unpack
 from methods.quantization.store import QuantHeadStore
 from methods.registry import available, create
 from tests.conftest import passage
@@ -60,21 +60,22 @@ def test_dequantised_cache_within_half_a_step(grouping, bits):
     )
     store.append(keys, values, torch.arange(100))
     store.flush()
+    lay = store.layout()
+    assert lay.n_quant == 80 and lay.n_residual == 20  # 5 groups of 16; 20 stay exact
     for h in range(2):
-        q = store.qkeys[h]
-        n_q = q.packed.shape[0] * q.packed.shape[1]
-        assert n_q == 80  # 5 whole groups of 16; 20 tokens stay in full precision
-        err = (store.keys[h][:n_q] - keys[h][:n_q]).abs().view(5, 16, 64)
-        bound = (
-            q.scale.float() / 2
-            + (2**bits) * q.scale.float() * 2**-11
-            + q.zero.float().abs() * 2**-11
-        )
+        if grouping == "channel":
+            scale = lay.key_scale[0, h, :5].float().repeat_interleave(16, 0)
+            zero = lay.key_zero[0, h, :5].float().repeat_interleave(16, 0)
+        else:
+            scale = lay.key_scale[0, h, :80, None].float()
+            zero = lay.key_zero[0, h, :80, None].float()
+        err = (store.keys[h][:80] - keys[h][:80]).abs()
+        bound = scale / 2 + (2**bits) * scale * 2**-11 + zero.abs() * 2**-11
         assert (err <= bound + 1e-6).all()
-        assert torch.equal(store.keys[h][n_q:], keys[h][n_q:])  # the residual window is exact
-        torch.testing.assert_close(
-            store.values[h][:n_q], dequantize(store.qvalues[h]).reshape(-1, 64)
-        )
+        assert torch.equal(store.keys[h][80:], keys[h][80:])  # the residual window is exact
+        codes = unpack(lay.value_codes[0, h, :80], bits, 64).float()
+        want = codes * lay.value_scale[0, h, :80, None].float() + lay.value_zero[0, h, :80, None]
+        torch.testing.assert_close(store.values[h][:80], want.float())
 
 
 def test_byte_accounting_equals_the_stored_tensors(smol, ids):
@@ -84,16 +85,19 @@ def test_byte_accounting_equals_the_stored_tensors(smol, ids):
         model(input_ids=torch.tensor([ids]), past_key_values=cache)
     expected = 0
     for layer in cache.layers:
-        s = layer.store
-        for h in range(s.n_heads):
-            tensors = [s.res_keys[h], s.res_values[h], s.pos[h]]
-            for q in (s.qkeys[h], s.qvalues[h]):
-                tensors += [q.packed, q.scale, q.zero]
-            expected += sum(t.numel() * t.element_size() for t in tensors)
+        lay = layer.store.layout()
+        n, r = lay.n_quant, lay.n_residual
+        tensors = [
+            lay.key_codes[:, :, :n], lay.key_scale[:, :, : n // 32], lay.key_zero[:, :, : n // 32],
+            lay.value_codes[:, :, :n], lay.value_scale[:, :, :n], lay.value_zero[:, :, :n],
+            lay.residual_keys[:, :, :r], lay.residual_values[:, :, :r],
+        ]  # fmt: skip
+        expected += sum(t.numel() * t.element_size() for t in tensors)
+        expected += 4 * (n + r) * lay.key_codes.shape[1]  # int32 positions per KV head
     assert cache.nbytes() == expected
     # 500 tokens: 13 groups of 32 quantised (416), 84 in the residual; 2-bit codes of 64 channels
-    s = cache.layers[0].store
-    assert s.qkeys[0].packed.shape == (13, 32, 16) and s.res_keys[0].shape[0] == 84
+    lay = cache.layers[0].store.layout()
+    assert (lay.n_quant, lay.n_residual, lay.key_codes.shape[-1]) == (416, 84, 16)
     assert cache.nbytes() < full_cache_nbytes(model, 500) / 3
 
 

@@ -1,0 +1,69 @@
+"""Decode steps through the stores' kernels (sparse decode for eviction stores, quantised
+decode for KIVI-layout stores) give the same generation as the statistics path, for every
+method that declares it needs no attention statistics while decoding. On the CPU the
+dispatchers run the kernels' PyTorch references; on CUDA the Triton kernels (tests/gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from methods.cache import CompressedCache
+from methods.evaluate import greedy, prefill_logits
+from methods.registry import available, create
+from tests.conftest import passage
+
+SPECS = {
+    "snapkv": "snapkv:budget=96,window=16",
+    "pyramidkv": "pyramidkv:budget=96,window=16",
+    "adakv": "adakv:budget=96,window=16",
+    "d2o": "d2o:budget=96,window=16",
+    "streamingllm": "streamingllm:budget=96,sinks=4",
+    "recent": "recent:budget=96",
+    "random": "random:budget=96",
+    "kivi": "kivi:bits=2,group=32,residual=32",
+    "int8": "int8",
+}
+
+
+def _run(model, ids, spec, kernels: bool):
+    cache = CompressedCache(model, create(spec))
+    for layer in cache.layers:
+        layer.use_decode_kernels = kernels
+    with torch.inference_mode():
+        first = prefill_logits(model, ids, cache)
+        tokens, logits = greedy(model, first, cache, 10, eos=set())
+    return cache, tokens, torch.stack(logits)
+
+
+def test_every_method_that_skips_statistics_is_checked_here():
+    skipping = {n for n, cls in available().items() if not cls.decode_needs_attention}
+    # rotatekv needs no statistics either, but its store must undo a rotation: it keeps the
+    # statistics path (checked below)
+    assert skipping == set(SPECS) | {"rotatekv"}, skipping
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_kernel_decode_equals_the_statistics_path(smol, name):
+    model, tok = smol
+    ids = tok(passage(3))["input_ids"]
+    fast, tokens_fast, logits_fast = _run(model, ids, SPECS[name], kernels=True)
+    slow, tokens_slow, logits_slow = _run(model, ids, SPECS[name], kernels=False)
+    assert fast.layers[0].decodes_from_store()
+    assert not slow.layers[0].decodes_from_store()
+    assert tokens_fast == tokens_slow
+    torch.testing.assert_close(logits_fast, logits_slow, atol=2e-3, rtol=1e-3)
+    for layer in range(len(fast.layers)):
+        for a, b in zip(fast.kept_positions(layer), slow.kept_positions(layer), strict=True):
+            assert torch.equal(a, b)
+    assert fast.nbytes() == slow.nbytes()
+
+
+def test_methods_that_read_statistics_or_rotate_keep_the_statistics_path(smol):
+    model, tok = smol
+    ids = tok(passage(1))["input_ids"]
+    for spec in ("h2o:budget=32", "tova:budget=32", "rotatekv:bits=4"):
+        cache = CompressedCache(model, create(spec))
+        with torch.inference_mode():
+            prefill_logits(model, ids, cache)
+        assert not cache.layers[0].decodes_from_store(), spec
