@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--methods", default="kivi:bits=2,group=128,residual=128;snapkv10")
+    parser.add_argument("--profile", default="", help="write a torch.profiler table of decode")
     args = parser.parse_args()
     register_kvlens_attention()
     cfg = LlamaConfig(
@@ -65,11 +66,13 @@ def main() -> None:
     print("| cache | prefill s | decode tok/s | cache MiB | vs full | peak GiB | same tokens |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     specs = args.methods.split(";")
-    runs = [("full (DynamicCache, SDPA)", None)] + [
+    runs = [("full (DynamicCache, transformers SDPA)", None)] + [
         (s, s.replace("snapkv10", f"snapkv:budget={args.prompt // 10},window=32")) for s in specs
     ]
     reference = None
     for label, spec in runs:
+        # the full cache runs transformers' own SDPA attention; compressed caches need kvlens'
+        model.set_attn_implementation("sdpa" if spec is None else "kvlens")
         for warm in (True, False):  # the first run compiles the kernels
             cache = DynamicCache() if spec is None else CompressedCache(model, create(spec))
             torch.cuda.empty_cache()
@@ -87,7 +90,28 @@ def main() -> None:
             f"{torch.cuda.max_memory_allocated() / 2**30:.1f} | {same}/{len(tokens)} |",
             flush=True,
         )
+        if args.profile:
+            profile(model, ids, spec, args.profile)
         del cache
+
+
+def profile(model, ids, spec, path) -> None:
+    """Append the top operators of 8 decode steps to ``path``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cache = DynamicCache() if spec is None else CompressedCache(model, create(spec))
+    generate(model, ids, cache, 2)
+    tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch.inference_mode():
+            for _ in range(8):
+                model(input_ids=tok, past_key_values=cache, use_cache=True)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
+    table_gpu = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    with open(path, "a") as f:
+        f.write(f"\n## {spec}\n{table}\n{table_gpu}\n")
 
 
 if __name__ == "__main__":

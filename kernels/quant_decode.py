@@ -269,7 +269,7 @@ def _per_bh(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def quant_decode_triton(
     q: torch.Tensor, cache: QuantKV, *, scale: float, split_len: int | None = None,
-    block_n: int | None = None, num_warps: int = 4, num_stages: int = 3,
+    block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
     fast_unpack: bool | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """q [B, Hq, D] -> [B, Hq, D]: the split kernel, then the LSE combine."""
@@ -280,7 +280,8 @@ def quant_decode_triton(
     group = hq // hkv
     gp = group_pad(group)
     if block_n is None:
-        block_n = min(64, cache.group) if cache.key_per_channel else 64
+        # measured best on an H100 at 128k (benchmarks/RESULTS.md): 128-token tiles, 2 stages
+        block_n = min(128, cache.group) if cache.key_per_channel else 128
     if cache.key_per_channel and cache.group % block_n:
         raise ValueError(f"block_n {block_n} must divide the quantisation group {cache.group}")
     if split_len is None:

@@ -21,7 +21,8 @@ class Observation:
 
     Per KV head h (lists of length n_kv_heads), over the tokens the store holds *after*
     appending this call's new tokens:
-      positions[h]  int64 [L_h] absolute positions of the stored tokens
+      positions[h]  int64 [L_h] absolute positions of the stored tokens (int32 views of the
+                    store on kernel decode steps)
       received[h]   float32 [G, L_h] attention mass from this call's queries (per query head)
       window[h]     float32 [G, L_h] mass from the last ``window`` queries of this call
       last[h]       float32 [G, L_h] attention of this call's last query

@@ -48,6 +48,7 @@ class HeadStore:
         self._positions = torch.empty(n_kv_heads, 0, dtype=torch.int32, device=device)
         self._aux: dict[str, torch.Tensor] = {}
         self._lengths = [0] * n_kv_heads
+        self._lengths_device: torch.Tensor | None = None  # kept in step for the decode kernel
 
     @property
     def n_heads(self) -> int:
@@ -108,6 +109,8 @@ class HeadStore:
                 for buf in self._aux.values():
                     buf[h, n : n + t] = 0
         self._lengths = [n + t for n in self._lengths]
+        if self._lengths_device is not None:
+            self._lengths_device += t
 
     def aux_state(self, name: str, dtype=torch.float32) -> list[torch.Tensor]:
         """Per-token method state (zero for new tokens), gathered with the tokens on eviction."""
@@ -124,6 +127,7 @@ class HeadStore:
         for buf in (self._keys, self._values, self._positions, *self._aux.values()):
             buf[head, :m] = buf[head, index]  # the gather copies before the rows are written
         self._lengths[head] = m
+        self._lengths_device = None
 
     def shrink(self) -> None:
         """Give back capacity far beyond the longest head (after an eviction at prefill)."""
@@ -133,9 +137,12 @@ class HeadStore:
 
     def decode(self, query: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of one token's queries [Hq, D] over the kept rows (sparse decode)."""
-        lengths = torch.tensor([self._lengths], dtype=torch.int32, device=query.device)
+        if self._lengths_device is None:
+            self._lengths_device = torch.tensor(
+                [self._lengths], dtype=torch.int32, device=query.device
+            )
         return sparse_decode(
-            query[None], self._keys[None], self._values[None], lengths,
+            query[None], self._keys[None], self._values[None], self._lengths_device,
             scale=scale, max_length=max(self._lengths),
         )[0]  # fmt: skip
 
@@ -295,8 +302,8 @@ class CompressedLayer(CacheLayerMixin):
         store = self.store
         out = store.decode(query[0, :, 0], scale)[None, :, None]
         self.n_seen += 1
-        positions = [p.to(torch.int64) for p in store.positions]
-        attended = [p.cpu() for p in positions] if self.record_history else []
+        positions = store.positions  # int32 views: no conversion on the per-token path
+        attended = [p.to(torch.int64).cpu() for p in positions] if self.record_history else []
         obs = Observation(
             layer=self.layer_idx,
             n_layers=self.n_layers,
