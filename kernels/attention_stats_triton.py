@@ -262,8 +262,10 @@ def _stats_from_lse(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Given each row's log2-sum-exp, one query-stationary pass computes the row statistics
-    and adds column sums atomically (float atomics: sums agree to rounding, not bit for bit)."""
-    pid_m = tl.program_id(0)
+    and adds column sums atomically (float atomics: sums agree to rounding, not bit for bit).
+    Query blocks run last-first: the longest causal rows start first, so the tail of the grid
+    is short blocks (measured 2% faster at 32k on an H100, RESULTS.md)."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -471,17 +473,22 @@ def _stats_from_lse(
 
 def _sdpa_with_lse(q, k, v, scale: float):
     """Output and natural-log LSE from PyTorch's cuDNN (else flash) attention, or None."""
-    group = q.shape[0] // k.shape[0]
+    hkv, group = k.shape[0], q.shape[0] // k.shape[0]
+    try:
+        # KV heads as the batch and the query group as heads: K/V enter as stride-0 expanded
+        # views, so nothing is repeated in memory (the same output and LSE as repeating)
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q.view(hkv, group, *q.shape[1:]),
+            k[:, None].expand(hkv, group, *k.shape[1:]),
+            v[:, None].expand(hkv, group, *v.shape[1:]),
+            None, True, 0.0, True, False, scale=scale,
+        )  # fmt: skip
+        return out[0].reshape(q.shape), out[1].reshape(q.shape[0], q.shape[1]).float()
+    except (RuntimeError, AttributeError, TypeError):
+        pass
     qb = q.unsqueeze(0)
     kb = k.repeat_interleave(group, 0).unsqueeze(0)
     vb = v.repeat_interleave(group, 0).unsqueeze(0)
-    try:
-        out = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            qb, kb, vb, None, True, 0.0, True, False, scale=scale
-        )
-        return out[0][0], out[1][0].reshape(q.shape[0], q.shape[1]).float()
-    except (RuntimeError, AttributeError, TypeError):
-        pass
     try:
         out = torch.ops.aten._scaled_dot_product_flash_attention(
             qb, kb, vb, 0.0, True, False, scale=scale
