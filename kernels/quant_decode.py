@@ -269,8 +269,8 @@ def _per_bh(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def quant_decode_triton(
     q: torch.Tensor, cache: QuantKV, *, scale: float, split_len: int | None = None,
-    block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
-    fast_unpack: bool | None = None,
+    block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
+    fast_unpack: bool | None = None, waves: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """q [B, Hq, D] -> [B, Hq, D]: the split kernel, then the LSE combine."""
     bsz, hq, d = q.shape
@@ -279,13 +279,19 @@ def quant_decode_triton(
         fast_unpack = os.environ.get("TRITON_INTERPRET") != "1"
     group = hq // hkv
     gp = group_pad(group)
+    # defaults measured on an H100 at 128k / batch 1 and 32k / batch 8 (benchmarks/RESULTS.md):
+    # 2-bit codes like 128-token tiles, 4 warps and 8 waves of splits; 4- and 8-bit codes
+    # 64-token tiles, 2 warps and 16 waves
+    two_bit = cache.key_bits == 2
     if block_n is None:
-        # measured best on an H100 at 128k (benchmarks/RESULTS.md): 128-token tiles, 2 stages
-        block_n = min(128, cache.group) if cache.key_per_channel else 128
+        block_n = 128 if two_bit else 64
+        block_n = min(block_n, cache.group) if cache.key_per_channel else block_n
+    num_warps = num_warps or (4 if two_bit else 2)
+    waves = waves or (8 if two_bit else 16)
     if cache.key_per_channel and cache.group % block_n:
         raise ValueError(f"block_n {block_n} must divide the quantisation group {cache.group}")
     if split_len is None:
-        split_len = plan_splits(max(cache.n_quant, 1), bsz * hkv, block_n, q.device)
+        split_len = plan_splits(max(cache.n_quant, 1), bsz * hkv, block_n, q.device, waves)
     n_splits = max(1, math.ceil(cache.n_quant / split_len))
     q = q.contiguous()
     kc, kc_bh = _per_bh(cache.key_codes)
