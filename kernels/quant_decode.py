@@ -279,19 +279,23 @@ def quant_decode_triton(
         fast_unpack = os.environ.get("TRITON_INTERPRET") != "1"
     group = hq // hkv
     gp = group_pad(group)
-    # defaults measured on an H100 at 128k / batch 1 and 32k / batch 8 (benchmarks/RESULTS.md):
-    # 2-bit codes like 128-token tiles, 4 warps and 8 waves of splits; 4- and 8-bit codes
-    # 64-token tiles, 2 warps and 16 waves
+    # defaults measured on an H100 at 8k-128k, batch 1 and 8 (benchmarks/RESULTS.md): 2-bit
+    # codes like 128-token tiles, 4 warps and 8 waves of splits; 4- and 8-bit codes 64-token
+    # tiles, 2 warps, and 4 waves for a few (batch x KV head) rows, 16 for many (a grid just
+    # over one wave of resident programs leaves a slow tail); splits of at least 256 tokens
+    # (shorter ones cost more to combine than they gain)
     two_bit = cache.key_bits == 2
     if block_n is None:
         block_n = 128 if two_bit else 64
         block_n = min(block_n, cache.group) if cache.key_per_channel else block_n
     num_warps = num_warps or (4 if two_bit else 2)
-    waves = waves or (8 if two_bit else 16)
+    waves = waves or (8 if two_bit else 4 if bsz * hkv < 32 else 16)
     if cache.key_per_channel and cache.group % block_n:
         raise ValueError(f"block_n {block_n} must divide the quantisation group {cache.group}")
     if split_len is None:
-        split_len = plan_splits(max(cache.n_quant, 1), bsz * hkv, block_n, q.device, waves)
+        split_len = plan_splits(
+            max(cache.n_quant, 1), bsz * hkv, block_n, q.device, waves, min_split=256
+        )
     n_splits = max(1, math.ceil(cache.n_quant / split_len))
     q = q.contiguous()
     kc, kc_bh = _per_bh(cache.key_codes)

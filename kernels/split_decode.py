@@ -34,14 +34,15 @@ def group_pad(group: int) -> int:
 
 
 def plan_splits(
-    length: int, programs: int, block_n: int, device: torch.device, waves: int = 4
-) -> int:
-    """Split length (a multiple of ``block_n``) so that ``programs`` x splits fills the GPU
-    ``waves`` times over, with at least one block per split."""
+    length: int, programs: int, block_n: int, device: torch.device, waves: int = 4,
+    min_split: int = 0,
+) -> int:  # fmt: skip
+    """Split length (a multiple of ``block_n``, at least ``min_split``) so that ``programs`` x
+    splits fills the GPU about ``waves`` times over."""
     sms = _sm_count(device) if device.type == "cuda" else 4  # interpreter: exercise the combine
     blocks = max(1, math.ceil(length / block_n))
     n_splits = max(1, min(blocks, math.ceil(waves * sms / max(1, programs))))
-    return math.ceil(blocks / n_splits) * block_n
+    return max(math.ceil(blocks / n_splits) * block_n, math.ceil(min_split / block_n) * block_n)
 
 
 @functools.cache
