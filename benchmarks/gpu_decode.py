@@ -42,10 +42,10 @@ def quant_cache(k, v, bits, group, residual):
         k[:, :, :n].reshape(b * h, n, d), v[:, :, :n].reshape(b * h, n, d),
         key_bits=bits, value_bits=bits, group=group, key_per_channel=True,
     )  # fmt: skip
-    parts = [getattr(blocks, f) for f in blocks.__dataclass_fields__]
-    parts = [p.reshape(b, h, *p.shape[1:]) for p in parts]
     rk, rv = k[:, :, n:].contiguous(), v[:, :, n:].contiguous()
-    return QuantKV(*parts, rk, rv, n, t - n, bits, bits, group, True)
+    return QuantKV.from_blocks(
+        blocks, rk, rv, key_bits=bits, value_bits=bits, group=group, key_per_channel=True
+    )
 
 
 def cache_bytes(cache: QuantKV) -> int:

@@ -20,12 +20,14 @@ File order: kernel -> launcher -> reference -> dispatcher.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
 
 import torch
 
+from kernels.quantize import QuantBlocks
 from kernels.split_decode import (
     LOG2E,
     attend_rows,
@@ -66,6 +68,25 @@ class QuantKV:
     @property
     def head_dim(self) -> int:
         return self.residual_keys.shape[-1]
+
+    @classmethod
+    def from_blocks(
+        cls, blocks: QuantBlocks, residual_keys: torch.Tensor, residual_values: torch.Tensor,
+        *, key_bits: int, value_bits: int, group: int, key_per_channel: bool,
+        n_residual: int | None = None,
+    ) -> QuantKV:  # fmt: skip
+        """A cache from ``kernels.quantize`` output for B x H rows ([B*H, n, ...], all in use)
+        and a residual [B, H, R, D] (its first ``n_residual`` rows in use, default all)."""
+        bsz, hkv = residual_keys.shape[:2]
+        parts = [getattr(blocks, f.name) for f in dataclasses.fields(blocks)]
+        parts = [p.reshape(bsz, hkv, *p.shape[1:]) for p in parts]
+        return cls(
+            *parts, residual_keys, residual_values,
+            n_quant=blocks.key_codes.shape[1],
+            n_residual=residual_keys.shape[2] if n_residual is None else n_residual,
+            key_bits=key_bits, value_bits=value_bits, group=group,
+            key_per_channel=key_per_channel,
+        )  # fmt: skip
 
 
 def _unpack_asm(shift: int, mask: int) -> str:

@@ -111,7 +111,10 @@ if triton is not None:
         tl.store(VC + vout, _pack(vcodes, GROUP, D, VBITS))
 
 
-def _empty_blocks(h: int, n: int, d: int, kb: int, vb: int, group: int, per_channel: bool, dev):
+def empty_blocks(
+    h: int, n: int, d: int, kb: int, vb: int, group: int, per_channel: bool, dev
+) -> QuantBlocks:
+    """Uninitialised output buffers for ``n`` tokens of ``h`` heads (n a multiple of group)."""
     u8, f16 = {"dtype": torch.uint8, "device": dev}, {"dtype": torch.float16, "device": dev}
     key_scale_shape = (h, n // group, d) if per_channel else (h, n)
     return QuantBlocks(
@@ -131,7 +134,7 @@ def quantize_groups_triton(
     """One program per (head, group of tokens)."""
     h, n, d = keys.shape
     keys, values = keys.contiguous(), values.contiguous()
-    out = _empty_blocks(h, n, d, key_bits, value_bits, group, key_per_channel, keys.device)
+    out = empty_blocks(h, n, d, key_bits, value_bits, group, key_per_channel, keys.device)
     _quantize_groups[(h, n // group)](
         keys, values, out.key_codes, out.key_scale, out.key_zero,
         out.value_codes, out.value_scale, out.value_zero, n,

@@ -216,10 +216,11 @@ class CompressedLayer(CacheLayerMixin):
         # read once per call: encoded and quantised stores rebuild these on every read
         all_keys, all_values = store.keys, store.values
         all_pos = [p.to(torch.int64) for p in store.positions]
-        if self.n_seen == 0 and all(p.numel() == tq for p in all_pos):
-            # the first prefill: every head holds the whole causal prompt, one dispatched call
-            # (the Triton statistics kernels on CUDA) covers all heads
-            o, st = attention_with_stats(
+        first_call = self.n_seen == 0
+        if first_call:
+            # every head holds the whole causal prompt: one dispatched call (the Triton
+            # statistics kernels on CUDA) covers all heads
+            o, whole = attention_with_stats(
                 query[0],
                 torch.stack(all_keys),
                 torch.stack(all_values),
@@ -229,37 +230,24 @@ class CompressedLayer(CacheLayerMixin):
             )
             out[0] = o
         for h in range(store.n_heads):
-            q_h = query[0, h * group : (h + 1) * group]  # [G, Tq, D]
-            if self.n_seen == 0 and all(p.numel() == tq for p in all_pos):
-                rows = slice(h * group, (h + 1) * group)
-                received.append(st.received[rows])
-                win.append(st.window[rows])
-                last.append(
-                    st.received[rows] if tq == 1 else _last_row(q_h[:, -1], all_keys[h], scale)
-                )
-                window_queries.append(q_h[:, -window:])
-                continue
-            pos = all_pos[h]
-            contiguous = pos.numel() == self.n_seen + tq and self.n_seen == 0
-            mask = None
-            if not contiguous:
+            rows = slice(h * group, (h + 1) * group)
+            q_h = query[0, rows]  # [G, Tq, D]
+            if first_call:
+                head_received, head_window = whole.received[rows], whole.window[rows]
+            else:  # kept positions are no longer 0..n-1: the causal rule comes as a mask
+                pos = all_pos[h]
                 allowed = pos[None, :] <= new_pos[:, None]
                 if sliding_window is not None:
                     allowed &= pos[None, :] > new_pos[:, None] - sliding_window
-                mask = allowed
-            o, st = attention_stats_reference(
-                q_h,
-                all_keys[h][None],
-                all_values[h][None],
-                scale=scale,
-                window=window,
-                sliding_window=sliding_window if contiguous else None,
-                mask=mask,
-            )
-            out[0, h * group : (h + 1) * group] = o
-            received.append(st.received)
-            win.append(st.window)
-            last.append(st.received if tq == 1 else _last_row(q_h[:, -1], all_keys[h], scale))
+                o, st = attention_stats_reference(
+                    q_h, all_keys[h][None], all_values[h][None],
+                    scale=scale, window=window, mask=allowed,
+                )  # fmt: skip
+                out[0, rows] = o
+                head_received, head_window = st.received, st.window
+            received.append(head_received)
+            win.append(head_window)
+            last.append(head_received if tq == 1 else _last_row(q_h[:, -1], all_keys[h], scale))
             window_queries.append(q_h[:, -window:])
         self.n_seen += tq
         attended = [p.cpu() for p in all_pos] if self.record_history else []
@@ -277,15 +265,19 @@ class CompressedLayer(CacheLayerMixin):
             last=last,
             window_queries=window_queries,
         )
-        self.method.compress(store, obs)
-        if obs.prefill and hasattr(store, "shrink"):
-            store.shrink()  # an eviction at prefill frees most of the capacity
+        self._compress(obs, attended)
+        return out
+
+    def _compress(self, obs: Observation, attended: list[torch.Tensor]) -> None:
+        """Hand the call's Observation to the method, then keep the X-ray log."""
+        self.method.compress(self.store, obs)
+        if obs.prefill and hasattr(self.store, "shrink"):
+            self.store.shrink()  # an eviction at prefill frees most of the capacity
         self.prefill_compressions += int(obs.prefill)
         self.prefilled = True
         if self.record_history:
-            kept = [p.to(torch.int64).cpu() for p in store.positions]
-            self.history.append((self.n_seen, tq, attended, kept))
-        return out
+            kept = [p.to(torch.int64).cpu() for p in self.store.positions]
+            self.history.append((self.n_seen, obs.n_queries, attended, kept))
 
     def decodes_from_store(self) -> bool:
         """Decode steps read the store through its decode kernel (sparse or quantised) when
@@ -318,11 +310,7 @@ class CompressedLayer(CacheLayerMixin):
             last=None,
             window_queries=None,
         )
-        self.method.compress(store, obs)
-        self.prefilled = True
-        if self.record_history:
-            kept = [p.to(torch.int64).cpu() for p in store.positions]
-            self.history.append((self.n_seen, 1, attended, kept))
+        self._compress(obs, attended)
         return out.to(query.dtype)
 
 

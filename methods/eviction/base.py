@@ -65,6 +65,34 @@ class EvictionMethod(Method):
         return torch.topk(score, budget, sorted=False).indices
 
 
+@dataclass
+class RecentWindowEviction(EvictionMethod):
+    """Eviction that always keeps the ``recent`` newest tokens (-1: half the budget) and fills
+    the rest of the budget by score."""
+
+    recent: int = -1
+
+    def validate(self) -> None:
+        super().validate()
+        require(
+            self.recent >= -1,
+            self.name,
+            f"recent must be >= 0 (or -1 for budget/2), got {self.recent}",
+        )
+        require(
+            self.recent < self.budget,
+            self.name,
+            f"recent ({self.recent}) must be < budget ({self.budget})",
+        )
+
+    @property
+    def n_recent(self) -> int:
+        return self.budget // 2 if self.recent == -1 else self.recent
+
+    def protected(self, obs: Observation, head: int) -> torch.Tensor:
+        return recent_mask(obs, head, self.n_recent)
+
+
 def recent_mask(obs: Observation, head: int, recent: int, sinks: int = 0) -> torch.Tensor:
     """Bool [L_h]: the first ``sinks`` positions and the last ``recent`` positions seen."""
     pos = obs.positions[head]

@@ -11,45 +11,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from methods.base import require
-from methods.eviction.base import EvictionMethod, group_mean, recent_mask
+from methods.eviction.base import RecentWindowEviction, group_mean
 from methods.registry import register
 
 
 @register
 @dataclass
-class H2O(EvictionMethod):
-    recent: int = -1  # -1: half the budget, as in the paper
-
+class H2O(RecentWindowEviction):  # recent -1 = half the budget, as in the paper
     name: ClassVar[str] = "h2o"
     paper: ClassVar[str] = "Zhang et al. 2023, H2O: Heavy-Hitter Oracle"
     summary: ClassVar[str] = "accumulated attention + a recent window, evicting while decoding"
     evict_while_decoding: ClassVar[bool] = True
 
-    def validate(self) -> None:
-        super().validate()
-        require(
-            self.recent >= -1,
-            self.name,
-            f"recent must be >= 0 (or -1 for budget/2), got {self.recent}",
-        )
-        require(
-            self.recent < self.budget,
-            self.name,
-            f"recent ({self.recent}) must be < budget ({self.budget})",
-        )
-
-    @property
-    def n_recent(self) -> int:
-        return self.budget // 2 if self.recent == -1 else self.recent
-
     def observe(self, store, obs):
         acc = store.aux_state("h2o_score")
         for h, received in enumerate(obs.received):
             acc[h] += group_mean(received)
-
-    def protected(self, obs, head):
-        return recent_mask(obs, head, self.n_recent)
 
     def scores(self, store, obs, head):
         return store.aux["h2o_score"][head]

@@ -16,14 +16,13 @@ from typing import ClassVar
 import torch
 
 from methods.base import require
-from methods.eviction.base import EvictionMethod, recent_mask
+from methods.eviction.base import RecentWindowEviction
 from methods.registry import register
 
 
 @register
 @dataclass
-class Keyformer(EvictionMethod):
-    recent: int = -1  # -1: half the budget
+class Keyformer(RecentWindowEviction):
     window: int = 64
     tau: float = 1.0
     seed: int = 0
@@ -35,11 +34,6 @@ class Keyformer(EvictionMethod):
 
     def validate(self) -> None:
         super().validate()
-        require(
-            self.recent >= -1 and self.recent < self.budget,
-            self.name,
-            f"recent must be in [0, budget) or -1, got {self.recent}",
-        )
         require(self.window >= 1, self.name, f"window must be >= 1, got {self.window}")
         require(self.tau > 0, self.name, f"tau must be > 0, got {self.tau}")
 
@@ -57,9 +51,6 @@ class Keyformer(EvictionMethod):
             gumbel = -torch.log(-torch.log(u))
             probs = torch.softmax((logits + gumbel) / self.tau, dim=-1)
             acc[h] += probs.sum(1).mean(0)
-
-    def protected(self, obs, head):
-        return recent_mask(obs, head, self.budget // 2 if self.recent == -1 else self.recent)
 
     def scores(self, store, obs, head):
         return store.aux["keyformer_score"][head]

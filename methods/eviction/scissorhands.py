@@ -16,14 +16,13 @@ from typing import ClassVar
 import torch
 
 from methods.base import require
-from methods.eviction.base import EvictionMethod, group_mean, recent_mask
+from methods.eviction.base import RecentWindowEviction, group_mean
 from methods.registry import register
 
 
 @register
 @dataclass
-class Scissorhands(EvictionMethod):
-    recent: int = -1  # -1: half the budget
+class Scissorhands(RecentWindowEviction):
     history: int = 32
 
     name: ClassVar[str] = "scissorhands"
@@ -33,11 +32,6 @@ class Scissorhands(EvictionMethod):
 
     def validate(self) -> None:
         super().validate()
-        require(
-            self.recent >= -1 and self.recent < self.budget,
-            self.name,
-            f"recent must be in [0, budget) or -1, got {self.recent}",
-        )
         require(self.history >= 1, self.name, f"history must be >= 1, got {self.history}")
 
     def observation_window(self) -> int:
@@ -51,9 +45,6 @@ class Scissorhands(EvictionMethod):
             visible = torch.isfinite(logits).sum(-1, keepdim=True).clamp_min(1)
             below = (probs < 1.0 / visible) & torch.isfinite(logits)
             low[h] += below.float().sum(1).mean(0)
-
-    def protected(self, obs, head):
-        return recent_mask(obs, head, self.budget // 2 if self.recent == -1 else self.recent)
 
     def scores(self, store, obs, head):
         # fewer low-attention votes keeps; current attention breaks ties

@@ -21,10 +21,11 @@ def _quant_cache(bsz, hkv, n, r, d, group, bits, per_channel, dtype, seed):
     blocks = quantize_groups_triton(
         keys, values, key_bits=bits, value_bits=bits, group=group, key_per_channel=per_channel
     )
-    parts = [getattr(blocks, f) for f in blocks.__dataclass_fields__]
-    parts = [p.reshape(bsz, hkv, *p.shape[1:]) for p in parts]
     res = [torch.randn(bsz, hkv, r, d, device="cuda", dtype=dtype, generator=g) for _ in "kv"]
-    return QuantKV(*parts, *res, n, r, bits, bits, group, per_channel), keys, values
+    cache = QuantKV.from_blocks(
+        blocks, *res, key_bits=bits, value_bits=bits, group=group, key_per_channel=per_channel
+    )
+    return cache, keys, values
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -11,7 +11,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 import torch  # noqa: E402
 
 from kernels.quant_decode import QuantKV, quant_decode_reference, quant_decode_triton  # noqa: E402
-from kernels.quantize import quantize_groups_triton  # noqa: E402
+from kernels.quantize import empty_blocks, quantize_groups_triton  # noqa: E402
 
 CASES = [  # (B, Hq, Hkv, quantised tokens, residual, D, group, k bits, v bits, per channel, split)
     (1, 4, 2, 64, 5, 64, 16, 2, 2, True, None),
@@ -25,31 +25,17 @@ for bsz, hq, hkv, n, r, d, group, kb, vb, per_channel, split in CASES:
     keys = torch.randn(bsz * hkv, n, d) * 2
     keys[..., 3] += 6  # an outlier channel
     values = torch.randn(bsz * hkv, n, d)
+    args = dict(key_bits=kb, value_bits=vb, group=group, key_per_channel=per_channel)
     if n:
-        blocks = quantize_groups_triton(
-            keys, values, key_bits=kb, value_bits=vb, group=group, key_per_channel=per_channel
-        )
-        parts = [getattr(blocks, f) for f in blocks.__dataclass_fields__]
-    else:  # empty code buffers of the right rank
-        parts = [
-            torch.zeros(hkv * bsz, 0, d * kb // 8, dtype=torch.uint8),
-            torch.zeros((hkv * bsz, 0, d) if per_channel else (hkv * bsz, 0), dtype=torch.float16),
-            torch.zeros((hkv * bsz, 0, d) if per_channel else (hkv * bsz, 0), dtype=torch.float16),
-            torch.zeros(hkv * bsz, 0, d * vb // 8, dtype=torch.uint8),
-            torch.zeros(hkv * bsz, 0, dtype=torch.float16),
-            torch.zeros(hkv * bsz, 0, dtype=torch.float16),
-        ]
-    parts = [p.reshape(bsz, hkv, *p.shape[1:]) for p in parts]
-    cache = QuantKV(
-        *parts,
-        residual_keys=torch.randn(bsz, hkv, r + 4, d),  # capacity beyond the residual in use
-        residual_values=torch.randn(bsz, hkv, r + 4, d),
-        n_quant=n,
+        blocks = quantize_groups_triton(keys, values, **args)
+    else:  # nothing quantised yet: empty code buffers of the right rank
+        blocks = empty_blocks(bsz * hkv, 0, d, kb, vb, group, per_channel, "cpu")
+    cache = QuantKV.from_blocks(
+        blocks,
+        torch.randn(bsz, hkv, r + 4, d),  # capacity beyond the residual in use
+        torch.randn(bsz, hkv, r + 4, d),
         n_residual=r,
-        key_bits=kb,
-        value_bits=vb,
-        group=group,
-        key_per_channel=per_channel,
+        **args,
     )
     q = torch.randn(bsz, hq, d)
     got = quant_decode_triton(q, cache, scale=d**-0.5, split_len=split, block_n=16)

@@ -14,18 +14,10 @@ def _cache(keys, values, residual_k, residual_v, bits, group):
     blocks = quantize_groups(
         keys, values, key_bits=bits, value_bits=bits, group=group, key_per_channel=True
     )
-    parts = [getattr(blocks, f)[None] for f in blocks.__dataclass_fields__]
-    return QuantKV(
-        *parts,
-        residual_keys=residual_k[None],
-        residual_values=residual_v[None],
-        n_quant=keys.shape[1],
-        n_residual=residual_k.shape[1],
-        key_bits=bits,
-        value_bits=bits,
-        group=group,
-        key_per_channel=True,
-    )
+    return QuantKV.from_blocks(
+        blocks, residual_k[None], residual_v[None],
+        key_bits=bits, value_bits=bits, group=group, key_per_channel=True,
+    )  # fmt: skip
 
 
 def test_dequantised_cache_matches_the_methods_arithmetic():

@@ -3,19 +3,12 @@ dequantise within half a step, and the Triton kernel in the interpreter gives th
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from kernels.quantize import quantize_groups
 from methods.quant import unpack
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels.interpreter import needs_triton, run_check
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -48,17 +41,7 @@ def test_tokens_that_are_not_whole_groups_are_refused():
         quantize_groups(x, x, key_bits=2, value_bits=2, group=16, key_per_channel=True)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@needs_triton
 @pytest.mark.parametrize("script,cases", [("quantize_check.py", 4), ("quant_decode_check.py", 5)])
 def test_kernels_match_references_in_the_interpreter(script, cases):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, f"tests/kernels/{script}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    assert f"ok: {cases} cases" in result.stdout
+    assert f"ok: {cases} cases" in run_check(script)

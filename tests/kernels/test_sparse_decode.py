@@ -3,18 +3,10 @@ and the Triton kernel in Triton's CPU interpreter against the reference."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 import torch
 
 from kernels.sparse_decode import sparse_decode, sparse_decode_reference
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels.interpreter import needs_triton, run_check
 
 
 def test_reference_equals_dense_attention_with_a_length_mask():
@@ -32,16 +24,6 @@ def test_reference_equals_dense_attention_with_a_length_mask():
     )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@needs_triton
 def test_kernel_matches_reference_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "tests/kernels/sparse_decode_check.py"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    assert "ok: 4 cases" in result.stdout
+    assert "ok: 4 cases" in run_check("sparse_decode_check.py")
