@@ -218,8 +218,8 @@ def attention_stats_triton(
 @triton.jit
 def _stats_block(
     q, k_base, offs_n, qpos, lse2, scale_log2, T_K, SINKS, LOCAL_W,
-    received_ptr, window_ptr, in_window, a_i, sink_i, dist_i, loc_i, mx_i, kpos_f,
-    stride_kt, offs_d, MASKED: tl.constexpr, FIRST: tl.constexpr, NEAR: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    received_ptr, window_ptr, in_window, has_window, a_i, sink_i, dist_i, loc_i, mx_i, kpos_f,
+    stride_kt, offs_d, MASKED: tl.constexpr, FIRST: tl.constexpr, NEAR: tl.constexpr,
 ):  # fmt: skip
     col_ok = offs_n < T_K
     k = tl.load(
@@ -243,7 +243,7 @@ def _stats_block(
     if NEAR:
         loc_i += tl.sum(tl.where((qpos[:, None] - offs_n[None, :]) < LOCAL_W, p, 0.0), 1)
     tl.atomic_add(received_ptr + offs_n, tl.sum(p, 0), mask=col_ok, sem="relaxed")
-    if HAS_WINDOW:
+    if has_window:  # the block holds some of the last W query rows (a uniform branch)
         tl.atomic_add(
             window_ptr + offs_n,
             tl.sum(tl.where(in_window[:, None], p, 0.0), 0),
@@ -294,174 +294,27 @@ def _stats_from_lse(
     near_start = tl.maximum(0, (q_lo - LOCAL_W) // BLOCK_N * BLOCK_N)
     # first block: sinks live here (masked when it is also diagonal)
     offs_n = tl.arange(0, BLOCK_N)
-    if has_window:
-        a_i, sink_i, dist_i, loc_i, mx_i = _stats_block(
-            q,
-            k_base,
-            offs_n,
-            qpos,
-            lse2,
-            scale_log2,
-            T_K,
-            SINKS,
-            LOCAL_W,
-            rec,
-            win,
-            in_window,
-            a_i,
-            sink_i,
-            dist_i,
-            loc_i,
-            mx_i,
-            offs_n.to(tl.float32),
-            stride_kt,
-            offs_d,
-            MASKED=True,
-            FIRST=True,
-            NEAR=True,
-            HAS_WINDOW=True,
-        )
-    else:
-        a_i, sink_i, dist_i, loc_i, mx_i = _stats_block(
-            q,
-            k_base,
-            offs_n,
-            qpos,
-            lse2,
-            scale_log2,
-            T_K,
-            SINKS,
-            LOCAL_W,
-            rec,
-            win,
-            in_window,
-            a_i,
-            sink_i,
-            dist_i,
-            loc_i,
-            mx_i,
-            offs_n.to(tl.float32),
-            stride_kt,
-            offs_d,
-            MASKED=True,
-            FIRST=True,
-            NEAR=True,
-            HAS_WINDOW=False,
-        )
+    a_i, sink_i, dist_i, loc_i, mx_i = _stats_block(
+        q, k_base, offs_n, qpos, lse2, scale_log2, T_K, SINKS, LOCAL_W, rec, win, in_window,
+        has_window, a_i, sink_i, dist_i, loc_i, mx_i, offs_n.to(tl.float32), stride_kt, offs_d,
+        MASKED=True, FIRST=True, NEAR=True,
+    )  # fmt: skip
     # fully visible blocks far from the diagonal: no mask, no locality
     for start_n in tl.range(BLOCK_N, tl.minimum(full_end, near_start), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if has_window:
-            a_i, sink_i, dist_i, loc_i, mx_i = _stats_block(
-                q,
-                k_base,
-                offs_n,
-                qpos,
-                lse2,
-                scale_log2,
-                T_K,
-                SINKS,
-                LOCAL_W,
-                rec,
-                win,
-                in_window,
-                a_i,
-                sink_i,
-                dist_i,
-                loc_i,
-                mx_i,
-                offs_n.to(tl.float32),
-                stride_kt,
-                offs_d,
-                MASKED=False,
-                FIRST=False,
-                NEAR=False,
-                HAS_WINDOW=True,
-            )
-        else:
-            a_i, sink_i, dist_i, loc_i, mx_i = _stats_block(
-                q,
-                k_base,
-                offs_n,
-                qpos,
-                lse2,
-                scale_log2,
-                T_K,
-                SINKS,
-                LOCAL_W,
-                rec,
-                win,
-                in_window,
-                a_i,
-                sink_i,
-                dist_i,
-                loc_i,
-                mx_i,
-                offs_n.to(tl.float32),
-                stride_kt,
-                offs_d,
-                MASKED=False,
-                FIRST=False,
-                NEAR=False,
-                HAS_WINDOW=False,
-            )
+        a_i, sink_i, dist_i, loc_i, mx_i = _stats_block(
+            q, k_base, offs_n, qpos, lse2, scale_log2, T_K, SINKS, LOCAL_W, rec, win, in_window,
+            has_window, a_i, sink_i, dist_i, loc_i, mx_i, offs_n.to(tl.float32), stride_kt,
+            offs_d, MASKED=False, FIRST=False, NEAR=False,
+        )  # fmt: skip
     # blocks near or on the diagonal: masked, with locality
     for start_n in tl.range(tl.maximum(BLOCK_N, tl.minimum(full_end, near_start)), hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if has_window:
-            a_i, sink_i, dist_i, loc_i, mx_i = _stats_block(
-                q,
-                k_base,
-                offs_n,
-                qpos,
-                lse2,
-                scale_log2,
-                T_K,
-                SINKS,
-                LOCAL_W,
-                rec,
-                win,
-                in_window,
-                a_i,
-                sink_i,
-                dist_i,
-                loc_i,
-                mx_i,
-                offs_n.to(tl.float32),
-                stride_kt,
-                offs_d,
-                MASKED=True,
-                FIRST=False,
-                NEAR=True,
-                HAS_WINDOW=True,
-            )
-        else:
-            a_i, sink_i, dist_i, loc_i, mx_i = _stats_block(
-                q,
-                k_base,
-                offs_n,
-                qpos,
-                lse2,
-                scale_log2,
-                T_K,
-                SINKS,
-                LOCAL_W,
-                rec,
-                win,
-                in_window,
-                a_i,
-                sink_i,
-                dist_i,
-                loc_i,
-                mx_i,
-                offs_n.to(tl.float32),
-                stride_kt,
-                offs_d,
-                MASKED=True,
-                FIRST=False,
-                NEAR=True,
-                HAS_WINDOW=False,
-            )
+        a_i, sink_i, dist_i, loc_i, mx_i = _stats_block(
+            q, k_base, offs_n, qpos, lse2, scale_log2, T_K, SINKS, LOCAL_W, rec, win, in_window,
+            has_window, a_i, sink_i, dist_i, loc_i, mx_i, offs_n.to(tl.float32), stride_kt,
+            offs_d, MASKED=True, FIRST=False, NEAR=True,
+        )  # fmt: skip
     row = h * T_Q + offs_m
     ln2 = 0.6931471805599453
     tl.store(ENT + row, (lse2 - a_i) * ln2, mask=row_ok)
