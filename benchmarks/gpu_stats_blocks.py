@@ -13,14 +13,16 @@ from triton.testing import do_bench
 
 from kernels.attention_stats_triton import _sdpa_with_lse, attention_stats_fast
 
-CONFIGS = [
-    (128, 64, 8, 3),
-    (128, 128, 8, 3),
-    (64, 128, 4, 3),
-    (128, 64, 4, 3),
+CONFIGS = [  # (BLOCK_M queries, BLOCK_N keys, warps, stages)
+    (64, 64, 4, 3),
     (64, 64, 4, 4),
-    (128, 128, 8, 2),
-    (256, 64, 8, 3),
+    (64, 64, 4, 2),
+    (64, 32, 4, 3),
+    (32, 64, 4, 3),
+    (64, 64, 8, 3),
+    (128, 64, 8, 3),
+    (64, 128, 8, 3),
+    (128, 64, 4, 3),
 ]
 
 

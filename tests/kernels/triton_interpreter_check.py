@@ -11,7 +11,10 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 import torch  # noqa: E402
 
 from kernels.attention_stats import attention_stats_reference  # noqa: E402
-from kernels.attention_stats_triton import attention_stats_triton  # noqa: E402
+from kernels.attention_stats_triton import (  # noqa: E402
+    attention_stats_fast,
+    attention_stats_triton,
+)
 
 CASES = [  # (Hq, Hkv, Tq, Tk, D, sliding)
     (4, 2, 37, 37, 16, None),
@@ -21,15 +24,9 @@ CASES = [  # (Hq, Hkv, Tq, Tk, D, sliding)
     (2, 1, 70, 70, 16, None),  # several far, near and diagonal blocks with 16-wide blocks
 ]
 
-for hq, hkv, tq, tk, d, sliding in CASES:
-    torch.manual_seed(hq * 100 + tk)
-    q, k, v = torch.randn(hq, tq, d), torch.randn(hkv, tk, d), torch.randn(hkv, tk, d)
-    kwargs = {"scale": d**-0.5, "window": 6, "sinks": 3, "local": 5, "sliding_window": sliding}
-    out_t, st_t = attention_stats_triton(q, k, v, **kwargs)
-    out_r, st_r = attention_stats_reference(q, k, v, **kwargs)
-    torch.testing.assert_close(
-        out_t, out_r, atol=1e-4, rtol=1e-4, msg=f"output {hq, hkv, tq, tk, d, sliding}"
-    )
+
+def check(impl, out_t, st_t, out_r, st_r, case) -> None:
+    torch.testing.assert_close(out_t, out_r, atol=1e-4, rtol=1e-4, msg=f"{impl} output {case}")
     for name in (
         "received",
         "window",
@@ -45,7 +42,19 @@ for hq, hkv, tq, tk, d, sliding in CASES:
             getattr(st_r, name),
             atol=1e-4,
             rtol=1e-4,
-            msg=f"{name} {hq, hkv, tq, tk, d, sliding}",
+            msg=f"{impl} {name} {case}",
         )
+
+
+for hq, hkv, tq, tk, d, sliding in CASES:
+    torch.manual_seed(hq * 100 + tk)
+    q, k, v = torch.randn(hq, tq, d), torch.randn(hkv, tk, d), torch.randn(hkv, tk, d)
+    kwargs = {"scale": d**-0.5, "window": 6, "sinks": 3, "local": 5, "sliding_window": sliding}
+    out_r, st_r = attention_stats_reference(q, k, v, **kwargs)
+    # the two passes, and the one statistics pass over the forward's LSE (what CUDA runs
+    # over SDPA's LSE; with a sliding window the two passes' result is returned)
+    for impl in (attention_stats_triton, attention_stats_fast):
+        out_t, st_t = impl(q, k, v, **kwargs)
+        check(impl.__name__, out_t, st_t, out_r, st_r, (hq, hkv, tq, tk, d, sliding))
 print(f"ok: {len(CASES)} cases")
 sys.exit(0)
