@@ -1,19 +1,22 @@
 """Single-token decode attention over a KIVI-layout quantised cache, read in its packed form.
 
 Layout (``QuantKV``, batch-first, per KV head): the oldest ``n_quant`` tokens as packed codes
-(``kernels.quantize``: keys per channel over groups of ``group`` tokens, or per token; values
-per token; 2, 4 or 8 bits, fp16 scales and zero points), then ``n_residual`` newest tokens in
-full precision. One program per (batch, KV head, split) holds all query heads of the group.
+in the word layout of ``kernels.quantize`` (keys per channel over groups of ``group`` tokens,
+or per token; values per token; 2, 4 or 8 bits, fp16 scales and zero points), then
+``n_residual`` newest tokens in full precision. One program per (batch, KV head, split)
+holds all query heads of the group.
 
-How the packed codes are read without unpacking them into channel order: codes are packed
-along channels, so part i of a byte (bits i*b .. i*b+b-1) holds channels i, i + 8/b, ... in
-stride 8/b. The kernel loads the query in the same strided parts and, per part, multiplies
-``q_part * key_scale_part`` by the raw codes on tensor cores (for per-channel keys the group's
-scale and zero fold into the query; the zero point adds sum(q * zero) to every score). Values
-fold their per-token scale into the probabilities: out_part += (p * value_scale) @ codes_part,
-and sum(p * value_zero) is added to every channel. Parts are joined back into channel order
-once per program. The residual is the last segment of the same online softmax, read by the
-last split. Splits are combined by ``kernels.split_decode``.
+How the packed codes are read: each field of the 16-bit words is a contiguous block of
+W = D*b/16 channels, so the kernel loads codes as 16-bit words (the shared-memory-to-register
+path of 16-bit operands), and per field p turns them into float16 codes with a shift, one
+``lop3`` that ORs the field into the mantissa of 1024.0, and one f16x2 fused multiply-add
+that scales by 2^-position and subtracts the 1024 (exact); then multiplies the query block
+p (keys) or the probabilities (values) by them on tensor cores. For per-channel keys the
+group's scale and zero fold into the query; the zero point adds sum(q * zero) to every score.
+Values fold their per-token scale into the probabilities: out_p += (p * value_scale) @ codes_p,
+and sum(p * value_zero) is added to every channel. The blocks join into channel order once per
+program. The residual is the last segment of the same online softmax, read by the last
+split. Splits are combined by ``kernels.split_decode``.
 
 File order: kernel -> launcher -> reference -> dispatcher.
 """
@@ -23,11 +26,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import struct
 from dataclasses import dataclass
 
 import torch
 
-from kernels.quantize import QuantBlocks
+from kernels.quantize import QuantBlocks, unpack_words
 from kernels.split_decode import (
     LOG2E,
     attend_rows,
@@ -50,10 +54,10 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 class QuantKV:
     """A quantised KV cache in the decode kernel's layout ([B, H, ...] tensors)."""
 
-    key_codes: torch.Tensor  # uint8 [B, H, C, D*kb/8]
+    key_codes: torch.Tensor  # uint8 [B, H, C, D*kb/8], word layout (kernels.quantize)
     key_scale: torch.Tensor  # fp16 [B, H, C/group, D] per channel, or [B, H, C] per token
     key_zero: torch.Tensor
-    value_codes: torch.Tensor  # uint8 [B, H, C, D*vb/8]
+    value_codes: torch.Tensor  # uint8 [B, H, C, D*vb/8], word layout
     value_scale: torch.Tensor  # fp16 [B, H, C]
     value_zero: torch.Tensor
     residual_keys: torch.Tensor  # [B, H, R, D], the model's dtype
@@ -89,87 +93,107 @@ class QuantKV:
         )  # fmt: skip
 
 
-def _unpack_asm(shift: int, mask: int) -> str:
-    """PTX: four packed bytes -> four float16 codes (byte >> shift) & mask, two per register.
+def _field_shift(bits: int, p: int) -> tuple[int, int]:
+    """(right shift, bit position after it) of field p of a 16-bit word: a field that would
+    end past bit 10 (the float16 mantissa) is first shifted down to bit 0."""
+    pos = p * bits
+    return (pos, 0) if pos + bits > 10 else (0, pos)
 
-    Each byte goes to the low half of a 16-bit lane, is shifted and masked, and ORed into the
-    mantissa of 1024.0 (0x6400); subtracting 1024.0 leaves the code exactly."""
-    lane_mask = mask | (mask << 16)
-    shift_ops = f"shr.b32 t0, t0, {shift}; shr.b32 t1, t1, {shift};" if shift else ""
+
+def _field_asm(bits: int, p: int) -> str:
+    """PTX: two 16-bit words -> two float16 codes of field p, exactly.
+
+    ``lop3`` computes (w & mask) | 0x6400 per 16-bit lane: the float16 1024 + 2^pos * code
+    (exact: below 2048); the fma multiplies by 2^-pos and adds -1024 * 2^-pos in one rounding
+    of an exact integer result."""
+    shift, pos = _field_shift(bits, p)
+    mask = (((1 << bits) - 1) << pos) * 0x10001
+
+    def f16x2(x: float) -> int:
+        return struct.unpack("<H", struct.pack("<e", x))[0] * 0x10001
+
+    shift_op = f"shr.b32 t, t, {shift}; " if shift else ""
     return (
-        "{ .reg .b32 t0, t1, zero, bias; mov.b32 zero, 0; mov.b32 bias, 0x64006400;"
-        " prmt.b32 t0, $2, zero, 0x4140; prmt.b32 t1, $2, zero, 0x4342;"
-        f" {shift_ops}"
-        f" and.b32 t0, t0, {lane_mask:#010x}; and.b32 t1, t1, {lane_mask:#010x};"
-        " or.b32 t0, t0, bias; or.b32 t1, t1, bias;"
-        " sub.f16x2 $0, t0, bias; sub.f16x2 $1, t1, bias; }"
+        "{ .reg .b32 t, m, c; mov.b32 t, $1; "
+        f"{shift_op}lop3.b32 t, t, {mask:#010x}, 0x64006400, 0xea; "
+        f"mov.b32 m, {f16x2(2.0**-pos):#010x}; mov.b32 c, {f16x2(-1024.0 * 2.0**-pos):#010x}; "
+        "fma.rn.f16x2 $0, t, m, c; }"
     )
 
 
 if triton is not None:
-    _UNPACK_ASM_8_0 = tl.constexpr(_unpack_asm(0, 0xFF))
-    _UNPACK_ASM_4_0 = tl.constexpr(_unpack_asm(0, 0xF))
-    _UNPACK_ASM_4_1 = tl.constexpr(_unpack_asm(4, 0xF))
-    _UNPACK_ASM_2_0 = tl.constexpr(_unpack_asm(0, 0x3))
-    _UNPACK_ASM_2_1 = tl.constexpr(_unpack_asm(2, 0x3))
-    _UNPACK_ASM_2_2 = tl.constexpr(_unpack_asm(4, 0x3))
-    _UNPACK_ASM_2_3 = tl.constexpr(_unpack_asm(6, 0x3))
+    _F2 = [tl.constexpr(_field_asm(2, p)) for p in range(8)]
+    _F4 = [tl.constexpr(_field_asm(4, p)) for p in range(4)]
+    _F8 = [tl.constexpr(_field_asm(8, p)) for p in range(2)]
+    _F2_0, _F2_1, _F2_2, _F2_3, _F2_4, _F2_5, _F2_6, _F2_7 = _F2
+    _F4_0, _F4_1, _F4_2, _F4_3 = _F4
+    _F8_0, _F8_1 = _F8
 
     @triton.jit
-    def _load_part(ptr, offs_g, row_ok, offs_p, D: tl.constexpr, PARTS: tl.constexpr, PART: tl.constexpr):  # fmt: skip
-        """Rows [GP] of a [*, D] matrix, channels PART, PART + PARTS, PART + 2 PARTS, ... as float32."""
-        return tl.load(
-            ptr + offs_g[:, None] * D + (offs_p * PARTS + PART)[None, :],
-            mask=row_ok[:, None],
-            other=0.0,
-        ).to(tl.float32)
-
-    @triton.jit
-    def _unpack_ptx(packed, asm: tl.constexpr):
+    def _field_ptx(words, asm: tl.constexpr):
         return tl.inline_asm_elementwise(
-            asm, "=r,=r,r", [packed], dtype=tl.float16, is_pure=True, pack=4
+            asm, "=r,r", [words], dtype=tl.float16, is_pure=True, pack=2
         )
 
     @triton.jit
-    def _codes(packed, PART: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
-        """Codes in bits PART*BITS .. of each byte, as float16 values 0 .. 2^BITS - 1."""
-        if FAST:  # four bytes per instruction group, no integer-to-float conversions
+    def _field(words, P: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
+        """Field P of int16 words as float16 codes 0 .. 2^BITS - 1."""
+        if FAST:  # two words per instruction group, no integer-to-float conversions
             if BITS == 8:
-                codes = _unpack_ptx(packed, _UNPACK_ASM_8_0)
-            elif BITS == 4 and PART == 0:
-                codes = _unpack_ptx(packed, _UNPACK_ASM_4_0)
+                codes = _field_ptx(words, _F8_0) if P == 0 else _field_ptx(words, _F8_1)
             elif BITS == 4:
-                codes = _unpack_ptx(packed, _UNPACK_ASM_4_1)
-            elif PART == 0:
-                codes = _unpack_ptx(packed, _UNPACK_ASM_2_0)
-            elif PART == 1:
-                codes = _unpack_ptx(packed, _UNPACK_ASM_2_1)
-            elif PART == 2:
-                codes = _unpack_ptx(packed, _UNPACK_ASM_2_2)
+                if P == 0:
+                    codes = _field_ptx(words, _F4_0)
+                elif P == 1:
+                    codes = _field_ptx(words, _F4_1)
+                elif P == 2:
+                    codes = _field_ptx(words, _F4_2)
+                else:
+                    codes = _field_ptx(words, _F4_3)
+            elif P == 0:
+                codes = _field_ptx(words, _F2_0)
+            elif P == 1:
+                codes = _field_ptx(words, _F2_1)
+            elif P == 2:
+                codes = _field_ptx(words, _F2_2)
+            elif P == 3:
+                codes = _field_ptx(words, _F2_3)
+            elif P == 4:
+                codes = _field_ptx(words, _F2_4)
+            elif P == 5:
+                codes = _field_ptx(words, _F2_5)
+            elif P == 6:
+                codes = _field_ptx(words, _F2_6)
             else:
-                codes = _unpack_ptx(packed, _UNPACK_ASM_2_3)
+                codes = _field_ptx(words, _F2_7)
         else:
-            codes = ((packed >> (PART * BITS)) & ((1 << BITS) - 1)).to(tl.float16)
+            codes = ((words.to(tl.int32) >> (P * BITS)) & ((1 << BITS) - 1)).to(tl.float16)
         return codes
 
     @triton.jit
-    def _key_part(qi, kc, srow, zrow, offs_p, PARTS: tl.constexpr, PART: tl.constexpr,
-                  BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
-        """Scores of one channel part and (per channel) its zero-point term."""
-        codes = _codes(kc, PART, BITS, FAST)
+    def _scores_part(
+        s, z, q_ptr, offs_g, row_ok, kw, srow, zrow, offs_w,
+        P: tl.constexpr, W: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+        PER_CHANNEL: tl.constexpr, FAST: tl.constexpr,
+    ):  # fmt: skip
+        """Add the scores of channel block P (and, per channel, its zero-point term)."""
+        ch = P * W + offs_w
+        qp = tl.load(q_ptr + offs_g[:, None] * D + ch[None, :], mask=row_ok[:, None], other=0.0)
+        qp = qp.to(tl.float32)
+        codes = _field(kw, P, BITS, FAST)  # [W, BLOCK_N]
         if PER_CHANNEL:
-            sc = tl.load(srow + offs_p * PARTS + PART).to(tl.float32)
-            zc = tl.load(zrow + offs_p * PARTS + PART).to(tl.float32)
-            s = tl.dot((qi * sc[None, :]).to(tl.float16), tl.trans(codes))
-            z = tl.sum(qi * zc[None, :], 1)
+            sc = tl.load(srow + ch).to(tl.float32)
+            zc = tl.load(zrow + ch).to(tl.float32)
+            s = tl.dot((qp * sc[None, :]).to(tl.float16), codes, s)
+            z += tl.sum(qp * zc[None, :], 1)
         else:
-            s = tl.dot(qi.to(tl.float16), tl.trans(codes))
-            z = tl.sum(qi, 1)  # times each token's zero, applied by the caller
+            s = tl.dot(qp.to(tl.float16), codes, s)
+            z += tl.sum(qp, 1)  # times each token's zero, applied by the caller
         return s, z
 
     @triton.jit
-    def _value_part(pv, vc, PART: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
-        return tl.dot(pv, _codes(vc, PART, BITS, FAST))
+    def _value_part(acc, alpha, pv, vw, P: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
+        return tl.dot(pv, _field(vw, P, BITS, FAST), acc * alpha[:, None])
 
     @triton.jit
     def _quant_decode_split(
@@ -184,29 +208,26 @@ if triton is not None:
         split = tl.program_id(1)
         b = pid_bh // H_KV
         h = pid_bh % H_KV
-        KP: tl.constexpr = 8 // KBITS
-        VP: tl.constexpr = 8 // VBITS
-        DK: tl.constexpr = D // KP
-        DV: tl.constexpr = D // VP
+        KP: tl.constexpr = 16 // KBITS  # fields per word: channel blocks
+        VP: tl.constexpr = 16 // VBITS
+        KW: tl.constexpr = D // KP  # words per token: channels per block
+        VW: tl.constexpr = D // VP
         offs_g = tl.arange(0, GP)
         row_ok = offs_g < GROUP
-        offs_k = tl.arange(0, DK)
-        offs_v = tl.arange(0, DV)
+        offs_kw = tl.arange(0, KW)
+        offs_vw = tl.arange(0, VW)
         offs_d = tl.arange(0, D)
-        q_ptr = Q + b * stride_qb + h * GROUP * stride_qh
-        # the query in the keys' channel parts (stride_qh == D: the launcher makes q contiguous)
-        q0 = _load_part(q_ptr, offs_g, row_ok, offs_k, D, KP, 0)
-        if KP >= 2:
-            q1 = _load_part(q_ptr, offs_g, row_ok, offs_k, D, KP, 1)
-        if KP >= 4:
-            q2 = _load_part(q_ptr, offs_g, row_ok, offs_k, D, KP, 2)
-            q3 = _load_part(q_ptr, offs_g, row_ok, offs_k, D, KP, 3)
+        q_ptr = Q + b * stride_qb + h * GROUP * stride_qh  # stride_qh == D (made contiguous)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
-        a0 = tl.zeros([GP, DV], tl.float32)
-        a1 = tl.zeros([GP, DV], tl.float32)
-        a2 = tl.zeros([GP, DV], tl.float32)
-        a3 = tl.zeros([GP, DV], tl.float32)
+        a0 = tl.zeros([GP, VW], tl.float32)
+        a1 = tl.zeros([GP, VW], tl.float32)
+        a2 = tl.zeros([GP, VW], tl.float32)
+        a3 = tl.zeros([GP, VW], tl.float32)
+        a4 = tl.zeros([GP, VW], tl.float32)
+        a5 = tl.zeros([GP, VW], tl.float32)
+        a6 = tl.zeros([GP, VW], tl.float32)
+        a7 = tl.zeros([GP, VW], tl.float32)
         az = tl.zeros([GP], tl.float32)  # sum of p * value zero point, added to every channel
         start = split * SPLIT_LEN
         end = tl.minimum(start + SPLIT_LEN, N_QUANT)
@@ -215,21 +236,19 @@ if triton is not None:
         for n0 in tl.range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             ok = offs_n < end
-            kc = tl.load(
-                kc_base + offs_n[:, None] * DK + offs_k[None, :], mask=ok[:, None], other=0
+            # key words loaded transposed [KW, BLOCK_N]: the product's right operand as is
+            kw = tl.load(
+                kc_base + offs_n[None, :] * KW + offs_kw[:, None], mask=ok[None, :], other=0
             )
             srow = KS + pid_bh * ks_bh + (n0 // QGROUP) * D
             zrow = KZ + pid_bh * ks_bh + (n0 // QGROUP) * D
-            s, z = _key_part(q0, kc, srow, zrow, offs_k, KP, 0, KBITS, PER_CHANNEL, FAST)
-            if KP >= 2:
-                s1, z1 = _key_part(q1, kc, srow, zrow, offs_k, KP, 1, KBITS, PER_CHANNEL, FAST)
-                s += s1
-                z += z1
-            if KP >= 4:
-                s2, z2 = _key_part(q2, kc, srow, zrow, offs_k, KP, 2, KBITS, PER_CHANNEL, FAST)
-                s3, z3 = _key_part(q3, kc, srow, zrow, offs_k, KP, 3, KBITS, PER_CHANNEL, FAST)
-                s += s2 + s3
-                z += z2 + z3
+            s = tl.zeros([GP, BLOCK_N], tl.float32)
+            z = tl.zeros([GP], tl.float32)
+            for p in tl.static_range(KP):
+                s, z = _scores_part(
+                    s, z, q_ptr, offs_g, row_ok, kw, srow, zrow, offs_kw, p, KW, D, KBITS,
+                    PER_CHANNEL, FAST,
+                )  # fmt: skip
             if PER_CHANNEL:
                 s = s + z[:, None]
             else:
@@ -245,24 +264,32 @@ if triton is not None:
             m_i = m_new
             vs = tl.load(VS + pid_bh * vs_bh + offs_n, mask=ok, other=0.0).to(tl.float32)
             vz = tl.load(VZ + pid_bh * vs_bh + offs_n, mask=ok, other=0.0).to(tl.float32)
-            vc = tl.load(
-                vc_base + offs_n[:, None] * DV + offs_v[None, :], mask=ok[:, None], other=0
+            vw = tl.load(
+                vc_base + offs_n[:, None] * VW + offs_vw[None, :], mask=ok[:, None], other=0
             )
             pv = (p * vs[None, :]).to(tl.float16)
             az = az * alpha + tl.sum(p * vz[None, :], 1)
-            a0 = a0 * alpha[:, None] + _value_part(pv, vc, 0, VBITS, FAST)
-            if VP >= 2:
-                a1 = a1 * alpha[:, None] + _value_part(pv, vc, 1, VBITS, FAST)
+            a0 = _value_part(a0, alpha, pv, vw, 0, VBITS, FAST)
+            a1 = _value_part(a1, alpha, pv, vw, 1, VBITS, FAST)
             if VP >= 4:
-                a2 = a2 * alpha[:, None] + _value_part(pv, vc, 2, VBITS, FAST)
-                a3 = a3 * alpha[:, None] + _value_part(pv, vc, 3, VBITS, FAST)
-        # back to channel order: part i holds channels i, i + VP, ...
-        if VP == 1:
-            acc = a0
-        elif VP == 2:
-            acc = tl.reshape(tl.join(a0, a1), [GP, D])
+                a2 = _value_part(a2, alpha, pv, vw, 2, VBITS, FAST)
+                a3 = _value_part(a3, alpha, pv, vw, 3, VBITS, FAST)
+            if VP >= 8:
+                a4 = _value_part(a4, alpha, pv, vw, 4, VBITS, FAST)
+                a5 = _value_part(a5, alpha, pv, vw, 5, VBITS, FAST)
+                a6 = _value_part(a6, alpha, pv, vw, 6, VBITS, FAST)
+                a7 = _value_part(a7, alpha, pv, vw, 7, VBITS, FAST)
+        # channel blocks back into channel order: block p holds channels p*VW .. p*VW + VW - 1
+        if VP == 2:
+            acc = tl.reshape(tl.permute(tl.join(a0, a1), (0, 2, 1)), [GP, D])
+        elif VP == 4:
+            acc = tl.join(tl.join(a0, a1), tl.join(a2, a3))
+            acc = tl.reshape(tl.permute(acc, (0, 3, 2, 1)), [GP, D])
         else:
-            acc = tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), [GP, D])
+            acc = tl.join(
+                tl.join(tl.join(a0, a1), tl.join(a2, a3)), tl.join(tl.join(a4, a5), tl.join(a6, a7))
+            )
+            acc = tl.reshape(tl.permute(acc, (0, 4, 3, 2, 1)), [GP, D])
         acc += az[:, None]
         # the full-precision residual: the last segment, read by the last split
         res_end = tl.where(split == N_SPLITS - 1, N_RES, 0)
@@ -300,17 +327,15 @@ def quant_decode_triton(
         fast_unpack = os.environ.get("TRITON_INTERPRET") != "1"
     group = hq // hkv
     gp = group_pad(group)
-    # defaults measured on an H100 at 8k-128k, batch 1 and 8 (benchmarks/RESULTS.md): 2-bit
-    # codes like 128-token tiles, 4 warps and 8 waves of splits; 4- and 8-bit codes 64-token
-    # tiles, 2 warps, and 4 waves for a few (batch x KV head) rows, 16 for many (a grid just
-    # over one wave of resident programs leaves a slow tail); splits of at least 256 tokens
-    # (shorter ones cost more to combine than they gain)
-    two_bit = cache.key_bits == 2
+    # defaults measured on an H100 at 32k-128k, batch 1 and 8 (benchmarks/RESULTS.md): 32-token
+    # tiles; 2-bit codes one warp per program, wider codes two; 8 waves of splits for a few
+    # (batch x KV head) rows, 16 for many (a grid just over one wave of resident programs
+    # leaves a slow tail); splits of at least 256 tokens (shorter ones cost more to combine
+    # than they gain)
     if block_n is None:
-        block_n = 128 if two_bit else 64
-        block_n = min(block_n, cache.group) if cache.key_per_channel else block_n
-    num_warps = num_warps or (4 if two_bit else 2)
-    waves = waves or (8 if two_bit else 4 if bsz * hkv < 32 else 16)
+        block_n = min(32, cache.group) if cache.key_per_channel else 32
+    num_warps = num_warps or (1 if cache.key_bits == 2 else 2)
+    waves = waves or (8 if bsz * hkv < 32 else 16)
     if cache.key_per_channel and cache.group % block_n:
         raise ValueError(f"block_n {block_n} must divide the quantisation group {cache.group}")
     if split_len is None:
@@ -319,10 +344,10 @@ def quant_decode_triton(
         )
     n_splits = max(1, math.ceil(cache.n_quant / split_len))
     q = q.contiguous()
-    kc, kc_bh = _per_bh(cache.key_codes)
+    kc, kc_bh = _per_bh(cache.key_codes.view(torch.int16))  # read as 16-bit words
     ks, ks_bh = _per_bh(cache.key_scale)
     kz, kz_bh = _per_bh(cache.key_zero)
-    vc, vc_bh = _per_bh(cache.value_codes)
+    vc, vc_bh = _per_bh(cache.value_codes.view(torch.int16))
     vs, vs_bh = _per_bh(cache.value_scale)
     vz, vz_bh = _per_bh(cache.value_zero)
     rk, rk_bh = _per_bh(cache.residual_keys)
@@ -344,10 +369,8 @@ def quant_decode_triton(
 def dequantize_cache(cache: QuantKV, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [B, H, n_quant + n_residual, D] in ``dtype``: codes dequantised in
     float32 (code * scale + zero) then rounded to ``dtype``, followed by the residual."""
-    from methods.quant import unpack
-
     n, d = cache.n_quant, cache.head_dim
-    kc = unpack(cache.key_codes[:, :, :n], cache.key_bits, d).float()
+    kc = unpack_words(cache.key_codes[:, :, :n], cache.key_bits).float()
     if cache.key_per_channel:
         b, h = kc.shape[:2]
         g = n // cache.group
@@ -357,7 +380,7 @@ def dequantize_cache(cache: QuantKV, dtype: torch.dtype) -> tuple[torch.Tensor, 
         k = (kc * ks + kz).view(b, h, n, d)
     else:
         k = kc * cache.key_scale[:, :, :n, None].float() + cache.key_zero[:, :, :n, None].float()
-    vc = unpack(cache.value_codes[:, :, :n], cache.value_bits, d).float()
+    vc = unpack_words(cache.value_codes[:, :, :n], cache.value_bits).float()
     v = vc * cache.value_scale[:, :, :n, None].float() + cache.value_zero[:, :, :n, None].float()
     r = cache.n_residual
     keys = torch.cat([k.to(dtype), cache.residual_keys[:, :, :r].to(dtype)], 2)
@@ -380,15 +403,15 @@ def quant_decode_reference(q: torch.Tensor, cache: QuantKV, *, scale: float) -> 
 
 
 def kernel_applies(q: torch.Tensor, cache: QuantKV) -> bool:
-    """CUDA; head dim a power of two whose channel parts are >= 16 wide (tl.dot); per-channel
-    groups a power of two >= 16."""
+    """CUDA; head dim a power of two whose channel blocks (D * bits / 16 channels per field)
+    are >= 16 wide for tl.dot; per-channel groups a power of two >= 16."""
     d = cache.head_dim
-    parts_ok = all(d * bits // 8 >= 16 for bits in (cache.key_bits, cache.value_bits))
+    blocks_ok = all(d * bits // 16 >= 16 for bits in (cache.key_bits, cache.value_bits))
     group_ok = not cache.key_per_channel or (
         cache.group >= 16 and cache.group & (cache.group - 1) == 0
     )
     return (
-        q.is_cuda and triton is not None and d & (d - 1) == 0 and d >= 16 and parts_ok and group_ok
+        q.is_cuda and triton is not None and d & (d - 1) == 0 and d >= 16 and blocks_ok and group_ok
     )
 
 

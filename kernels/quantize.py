@@ -2,14 +2,18 @@
 
 Input: keys and values [H, N, D] (N a multiple of ``group``, any float dtype). Output, per KV
 head, in the layout ``kernels.quant_decode`` reads:
-  key codes [H, N, D*kb/8] uint8, packed along channels (code of channel c in byte
-  c // (8/kb), bits (c % (8/kb)) * kb); key scale and zero [H, N/group, D] float16 when keys are
-  quantised per channel over each group of tokens (KIVI), or [H, N] when per token;
-  value codes [H, N, D*vb/8]; value scale and zero [H, N] float16 (per token).
+  key codes [H, N, D*kb/8] uint8 in the word layout (``pack_words``); key scale and zero
+  [H, N/group, D] float16 when keys are quantised per channel over each group of tokens
+  (KIVI), or [H, N] when per token; value codes [H, N, D*vb/8] in the word layout; value
+  scale and zero [H, N] float16 (per token).
+Word layout: a token's codes are W = D*b/16 little-endian 16-bit words; field p of word e
+(bits p*b .. p*b+b-1) holds the code of channel e + p*W. So each field of the words is a
+contiguous block of W channels, which the decode kernel multiplies as one operand after a
+shift and a mask, reading the codes as 16-bit words.
 The arithmetic is ``methods.quant.quantize`` (asymmetric round-to-nearest-even, fp16 scale
 and minimum), so the kernel and the reference produce the same codes.
 
-File order: kernel -> launcher -> reference -> dispatcher.
+File order: word layout -> kernel -> launcher -> reference -> dispatcher.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.quant import quantize
+from methods.quant import quantize, unpack
 
 try:  # Triton is optional on CPU-only installs
     import triton
@@ -37,6 +41,29 @@ class QuantBlocks:
     value_codes: torch.Tensor
     value_scale: torch.Tensor
     value_zero: torch.Tensor
+
+
+def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes [..., D] (values < 2^bits, D a multiple of 16/bits) -> uint8
+    [..., D*bits/8] in the word layout."""
+    d = codes.shape[-1]
+    fields = 16 // bits
+    if d % fields:
+        raise ValueError(f"{d} channels do not fill {bits}-bit words ({fields} fields each)")
+    parts = codes.to(torch.int32).reshape(*codes.shape[:-1], fields, d // fields)
+    words = torch.zeros_like(parts[..., 0, :])
+    for p in range(fields):
+        words |= parts[..., p, :] << (p * bits)
+    little_endian = torch.stack([words & 0xFF, words >> 8], -1)
+    return little_endian.reshape(*codes.shape[:-1], -1).to(torch.uint8)
+
+
+def unpack_words(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [..., D*bits/8] in the word layout -> uint8 codes [..., D]."""
+    b = packed.to(torch.int32)
+    words = b[..., 0::2] | (b[..., 1::2] << 8)
+    mask = (1 << bits) - 1
+    return torch.cat([(words >> (p * bits)) & mask for p in range(16 // bits)], -1).to(torch.uint8)
 
 
 if triton is not None:
@@ -66,15 +93,11 @@ if triton is not None:
 
     @triton.jit
     def _pack(codes, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-        """int32 codes [ROWS, D] -> uint8 [ROWS, D * BITS / 8], channel c in byte c // (8/BITS)."""
-        per_byte: tl.constexpr = 8 // BITS
-        if per_byte == 1:
-            packed = codes
-        else:
-            parts = tl.reshape(codes, [ROWS, D // per_byte, per_byte])
-            shifts = tl.arange(0, per_byte) * BITS
-            packed = tl.sum(parts << shifts[None, None, :], 2)
-        return packed.to(tl.uint8)
+        """int32 codes [ROWS, D] -> int16 words [ROWS, D * BITS / 16] (the word layout)."""
+        FIELDS: tl.constexpr = 16 // BITS
+        parts = tl.reshape(codes, [ROWS, FIELDS, D // FIELDS])  # field p: channels p*W + e
+        shifts = tl.arange(0, FIELDS) * BITS
+        return tl.sum(parts << shifts[None, :, None], 1).to(tl.int16)
 
     @triton.jit
     def _quantize_groups(
@@ -98,16 +121,16 @@ if triton is not None:
             codes, step, lo = _codes(x, tl.min(x, 1)[:, None], tl.max(x, 1)[:, None], KBITS)
             tl.store(KS + h * N + rows, tl.reshape(step, [GROUP]).to(tl.float16))
             tl.store(KZ + h * N + rows, tl.reshape(lo, [GROUP]).to(tl.float16))
-        dpk: tl.constexpr = D * KBITS // 8
-        out = h * N * dpk + rows[:, None] * dpk + tl.arange(0, dpk)[None, :]
+        wk: tl.constexpr = D * KBITS // 16  # words per token
+        out = h * N * wk + rows[:, None] * wk + tl.arange(0, wk)[None, :]
         tl.store(KC + out, _pack(codes, GROUP, D, KBITS))
 
         y = tl.load(V + tile).to(tl.float32)
         vcodes, vstep, vlo = _codes(y, tl.min(y, 1)[:, None], tl.max(y, 1)[:, None], VBITS)
         tl.store(VS + h * N + rows, tl.reshape(vstep, [GROUP]).to(tl.float16))
         tl.store(VZ + h * N + rows, tl.reshape(vlo, [GROUP]).to(tl.float16))
-        dpv: tl.constexpr = D * VBITS // 8
-        vout = h * N * dpv + rows[:, None] * dpv + tl.arange(0, dpv)[None, :]
+        wv: tl.constexpr = D * VBITS // 16
+        vout = h * N * wv + rows[:, None] * wv + tl.arange(0, wv)[None, :]
         tl.store(VC + vout, _pack(vcodes, GROUP, D, VBITS))
 
 
@@ -136,8 +159,8 @@ def quantize_groups_triton(
     keys, values = keys.contiguous(), values.contiguous()
     out = empty_blocks(h, n, d, key_bits, value_bits, group, key_per_channel, keys.device)
     _quantize_groups[(h, n // group)](
-        keys, values, out.key_codes, out.key_scale, out.key_zero,
-        out.value_codes, out.value_scale, out.value_zero, n,
+        keys, values, out.key_codes.view(torch.int16), out.key_scale, out.key_zero,
+        out.value_codes.view(torch.int16), out.value_scale, out.value_zero, n,
         GROUP=group, D=d, KBITS=key_bits, VBITS=value_bits, KEY_PER_CHANNEL=key_per_channel,
     )  # fmt: skip
     return out
@@ -147,7 +170,7 @@ def quantize_groups_reference(
     keys: torch.Tensor, values: torch.Tensor, *, key_bits: int, value_bits: int, group: int,
     key_per_channel: bool,
 ) -> QuantBlocks:  # fmt: skip
-    """The same codes by ``methods.quant.quantize`` (any device)."""
+    """The same codes by ``methods.quant.quantize`` (any device), laid out in words."""
     h, n, d = keys.shape
     if key_per_channel:
         qk = quantize(keys.reshape(h, n // group, group, d), key_bits, dim=2)
@@ -157,7 +180,14 @@ def quantize_groups_reference(
         qk = quantize(keys, key_bits, dim=-1)
         key_codes, key_scale, key_zero = qk.packed, qk.scale[..., 0], qk.zero[..., 0]
     qv = quantize(values, value_bits, dim=-1)
-    return QuantBlocks(key_codes, key_scale, key_zero, qv.packed, qv.scale[..., 0], qv.zero[..., 0])
+    return QuantBlocks(
+        pack_words(unpack(key_codes, key_bits, d), key_bits),
+        key_scale,
+        key_zero,
+        pack_words(unpack(qv.packed, value_bits, d), value_bits),
+        qv.scale[..., 0],
+        qv.zero[..., 0],
+    )
 
 
 def kernel_applies(x: torch.Tensor, group: int, key_bits: int, value_bits: int) -> bool:

@@ -4,6 +4,8 @@ small random Llama model gives the same statistics on the GPU as on the CPU."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -69,12 +71,16 @@ def test_kernels_match_reference_and_eager(t, d, dtype, impl):
 
 def test_sliding_window_and_offset_queries():
     from kernels.attention_stats import attention_stats_reference
-    from kernels.attention_stats_triton import attention_stats_triton
+    from kernels.attention_stats_triton import attention_stats_fast, attention_stats_triton
 
     q, k, v = _inputs(4, 1, 700, 128, torch.bfloat16)
     k2, v2 = _inputs(4, 1, 1500, 128, torch.bfloat16, seed=3)[1:]
-    for kw, (kk, vv) in (({"sliding_window": 256}, (k, v)), ({}, (k2, v2))):
-        out, st = attention_stats_triton(q, kk, vv, scale=128**-0.5, **kw)
+    cases = [({"sliding_window": 256}, (k, v)), ({}, (k2, v2))]
+    # the two passes, and the dispatched path (no SDPA LSE for these: it falls back)
+    for impl, (kw, (kk, vv)) in itertools.product(
+        (attention_stats_triton, attention_stats_fast), cases
+    ):
+        out, st = impl(q, kk, vv, scale=128**-0.5, **kw)
         ref_out, ref = attention_stats_reference(q, kk, vv, scale=128**-0.5, **kw)
         torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
         for name in ROW_STATS + ("received", "window"):

@@ -17,8 +17,9 @@ def llama():
     from probes.attention import register_kvlens_attention
 
     register_kvlens_attention()
+    # head_dim 128: the quantised kernel needs channel blocks of D * bits / 16 >= 16 (int2)
     cfg = LlamaConfig(
-        hidden_size=512, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=8,
+        hidden_size=1024, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=8,
         num_key_value_heads=2, vocab_size=2000, max_position_embeddings=4096,
     )  # fmt: skip
     cfg._attn_implementation = "kvlens"
@@ -56,6 +57,11 @@ def test_kernel_decode_matches_the_statistics_path(llama, spec):
         assert cache.layers[0].decodes_from_store() == kernels
         runs.append((torch.stack(logits), cache))
     (fast, cf), (slow, cs) = runs
+    if hasattr(cf.layers[0].store, "layout"):  # quantised: the Triton kernel, not the reference
+        from kernels.quant_decode import kernel_applies
+
+        q = torch.empty(1, 8, 128, device="cuda", dtype=torch.float16)
+        assert kernel_applies(q, cf.layers[0].store.layout())
     torch.testing.assert_close(fast, slow, atol=2e-2, rtol=2e-2)
     assert cf.nbytes() == cs.nbytes()
     for layer in range(3):

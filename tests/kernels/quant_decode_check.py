@@ -14,11 +14,12 @@ from kernels.quant_decode import QuantKV, quant_decode_reference, quant_decode_t
 from kernels.quantize import empty_blocks, quantize_groups_triton  # noqa: E402
 
 CASES = [  # (B, Hq, Hkv, quantised tokens, residual, D, group, k bits, v bits, per channel, split)
-    (1, 4, 2, 64, 5, 64, 16, 2, 2, True, None),
+    (1, 4, 2, 64, 5, 128, 16, 2, 2, True, None),
     (2, 6, 2, 96, 0, 64, 32, 4, 4, True, 32),
-    (1, 2, 1, 32, 17, 32, 16, 4, 4, True, 16),
+    (1, 2, 1, 32, 17, 64, 16, 4, 4, True, 16),
     (1, 4, 2, 48, 3, 32, 16, 8, 8, False, 16),
-    (1, 4, 4, 0, 9, 64, 16, 2, 2, True, None),  # nothing quantised yet: the residual only
+    (1, 4, 4, 0, 9, 128, 16, 2, 2, True, None),  # nothing quantised yet: the residual only
+    (1, 4, 2, 32, 4, 128, 16, 4, 2, True, 16),  # 4-bit keys, 2-bit values
 ]
 for bsz, hq, hkv, n, r, d, group, kb, vb, per_channel, split in CASES:
     torch.manual_seed(n + r + d)

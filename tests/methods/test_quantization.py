@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.quantize import unpack_words
 from methods.cache import CompressedCache, full_cache_nbytes
 from methods.evaluate import compare
-from methods.quant import unpack
 from methods.quantization.store import QuantHeadStore
 from methods.registry import available, create
 from tests.conftest import passage
@@ -73,7 +73,7 @@ def test_dequantised_cache_within_half_a_step(grouping, bits):
         bound = scale / 2 + (2**bits) * scale * 2**-11 + zero.abs() * 2**-11
         assert (err <= bound + 1e-6).all()
         assert torch.equal(store.keys[h][80:], keys[h][80:])  # the residual window is exact
-        codes = unpack(lay.value_codes[0, h, :80], bits, 64).float()
+        codes = unpack_words(lay.value_codes[0, h, :80], bits).float()
         want = codes * lay.value_scale[0, h, :80, None].float() + lay.value_zero[0, h, :80, None]
         torch.testing.assert_close(store.values[h][:80], want.float())
 
