@@ -202,7 +202,7 @@ if triton is not None:
         H_KV, N_SPLITS, SPLIT_LEN, N_QUANT, N_RES, scale_log2,
         GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         KBITS: tl.constexpr, VBITS: tl.constexpr, QGROUP: tl.constexpr,
-        PER_CHANNEL: tl.constexpr, FAST: tl.constexpr,
+        PER_CHANNEL: tl.constexpr, FAST: tl.constexpr, RES_STAGES: tl.constexpr,
     ):  # fmt: skip
         pid_bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -296,7 +296,9 @@ if triton is not None:
         q = tl.load(
             q_ptr + offs_g[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0
         )
-        for n0 in tl.range(0, res_end, BLOCK_N):
+        # RES_STAGES 1 (2-bit): not pipelined, the staged fp16 tiles would take most of the
+        # program's shared memory and fewer programs would fit on an SM for the loop above
+        for n0 in tl.range(0, res_end, BLOCK_N, num_stages=RES_STAGES):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             ok = offs_n < res_end
             tile = offs_n[:, None] * D + offs_d[None, :]
@@ -318,7 +320,7 @@ def _per_bh(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 def quant_decode_triton(
     q: torch.Tensor, cache: QuantKV, *, scale: float, split_len: int | None = None,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-    fast_unpack: bool | None = None, waves: int | None = None,
+    fast_unpack: bool | None = None, waves: int | None = None, res_stages: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """q [B, Hq, D] -> [B, Hq, D]: the split kernel, then the LSE combine."""
     bsz, hq, d = q.shape
@@ -327,14 +329,18 @@ def quant_decode_triton(
         fast_unpack = os.environ.get("TRITON_INTERPRET") != "1"
     group = hq // hkv
     gp = group_pad(group)
-    # defaults measured on an H100 at 32k-128k, batch 1 and 8 (benchmarks/RESULTS.md): 32-token
-    # tiles; 2-bit codes one warp per program, wider codes two; 8 waves of splits for a few
-    # (batch x KV head) rows, 16 for many (a grid just over one wave of resident programs
-    # leaves a slow tail); splits of at least 256 tokens (shorter ones cost more to combine
-    # than they gain)
+    # defaults measured on an H100 at 32k-128k, batch 1 and 8 (benchmarks/RESULTS.md): 2-bit
+    # codes 64-token tiles, one warp per program and an unpipelined residual loop (its staged
+    # fp16 tiles would cost shared memory, so fewer programs per SM); wider codes 32-token
+    # tiles, two warps; 8 waves of splits for a few (batch x KV head) rows, 16 for many (a
+    # grid just over one wave of resident programs leaves a slow tail); splits of at least 256
+    # tokens (shorter ones cost more to combine than they gain)
+    two_bit = cache.key_bits == 2
     if block_n is None:
-        block_n = min(32, cache.group) if cache.key_per_channel else 32
-    num_warps = num_warps or (1 if cache.key_bits == 2 else 2)
+        block_n = 64 if two_bit else 32
+        block_n = min(block_n, cache.group) if cache.key_per_channel else block_n
+    num_warps = num_warps or (1 if two_bit else 2)
+    res_stages = res_stages or (1 if two_bit else 2)
     waves = waves or (8 if bsz * hkv < 32 else 16)
     if cache.key_per_channel and cache.group % block_n:
         raise ValueError(f"block_n {block_n} must divide the quantisation group {cache.group}")
@@ -361,7 +367,7 @@ def quant_decode_triton(
         hkv, n_splits, split_len, cache.n_quant, cache.n_residual, scale * LOG2E,
         GROUP=group, GP=gp, D=d, BLOCK_N=block_n, KBITS=cache.key_bits, VBITS=cache.value_bits,
         QGROUP=cache.group, PER_CHANNEL=cache.key_per_channel, FAST=fast_unpack,
-        num_warps=num_warps, num_stages=num_stages,
+        RES_STAGES=res_stages, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return combine_splits(o_part, l_part, bsz, hq, group, n_splits, d, q.dtype)
 
