@@ -120,10 +120,14 @@ def combine_splits(
 ) -> torch.Tensor:  # fmt: skip
     """[B, Hq, D] in ``dtype``: the splits' partial outputs weighted by their LSE."""
     out = torch.empty(bsz, hq, d, device=o_part.device, dtype=dtype)
+    # up to 64 splits' partial rows per load: a row of ~130 splits (8 waves at batch 1) then
+    # takes 3 dependent loads instead of 9 (the combine was 8.4 of 31.6 us per KIVI-2 decode
+    # step at 32k in a profile, benchmarks/RESULTS.md)
+    chunk = min(64, max(16, triton.next_power_of_2(n_splits)))
     _combine_kernel[(bsz * hq,)](
         o_part, l_part, out, hq, n_splits,
         GROUP=group, GP=group_pad(group), D=d,
-        SPLITS_PAD=max(16, triton.next_power_of_2(n_splits)), CHUNK=16,
+        SPLITS_PAD=max(16, triton.next_power_of_2(n_splits)), CHUNK=chunk,
     )  # fmt: skip
     return out
 
