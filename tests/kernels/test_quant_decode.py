@@ -1,11 +1,16 @@
 """Quantised decode reference: equal to attention over the dequantised cache computed the
-methods' way (methods.quant.dequantize), including the residual and several KV heads."""
+methods' way (methods.quant.dequantize), including the residual and several KV heads; and the
+GPU kernel's PTX unpacking constants, emulated on the CPU."""
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
+import pytest
 import torch
 
-from kernels.quant_decode import QuantKV, dequantize_cache, quant_decode
+from kernels.quant_decode import QuantKV, _field_asm, _field_shift, dequantize_cache, quant_decode
 from kernels.quantize import quantize_groups
 from methods.quant import dequantize, quantize
 
@@ -42,3 +47,28 @@ def test_decode_equals_softmax_attention_over_the_dequantised_cache():
     k, v = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
     want = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, scale=0.2)[:, :, 0]
     torch.testing.assert_close(quant_decode(q, cache, scale=0.2), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_the_ptx_unpacking_constants_give_every_code_exactly(bits):
+    """The GPU turns field p of a 16-bit word into float16 by (w >> shift) & mask | 0x6400
+    (1024 + 2^pos * code), then one fma with the two float16 constants written into the PTX.
+    Emulated here for every code of every field, with the fma's single rounding."""
+    for p in range(16 // bits):
+        shift, pos = _field_shift(bits, p)
+        assert pos + bits <= 10  # the field lies inside the float16 mantissa
+        asm = _field_asm(bits, p)
+        mask, lut = re.search(
+            r"lop3\.b32 t, t, (0x[0-9a-f]+), 0x64006400, (0x[0-9a-f]+);", asm
+        ).groups()
+        assert lut == "0xea"  # (a & b) | c
+        m, c = (int(x, 16) for x in re.findall(r"mov\.b32 [mc], (0x[0-9a-f]+);", asm))
+        assert (f"shr.b32 t, t, {shift};" in asm) == (shift > 0)
+        as_f16 = lambda bits16: float(np.array([bits16], np.uint16).view(np.float16)[0])  # noqa: E731
+        mul, add = as_f16(m & 0xFFFF), as_f16(c & 0xFFFF)
+        assert m >> 16 == m & 0xFFFF and c >> 16 == c & 0xFFFF  # both halves alike
+        for code in range(2**bits):
+            word = code << (p * bits) | (0xFFFF ^ ((2**bits - 1) << (p * bits)))  # other bits set
+            t = ((word >> shift) & int(mask, 16) & 0xFFFF) | 0x6400
+            exact = as_f16(t) * mul + add  # exact in float64; float16 rounds it once
+            assert float(np.float16(exact)) == code, (bits, p, code)
