@@ -319,7 +319,7 @@ def _per_bh(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def quant_decode_triton(
     q: torch.Tensor, cache: QuantKV, *, scale: float, split_len: int | None = None,
-    block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
+    block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
     fast_unpack: bool | None = None, waves: int | None = None, res_stages: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """q [B, Hq, D] -> [B, Hq, D]: the split kernel, then the LSE combine."""
@@ -329,19 +329,21 @@ def quant_decode_triton(
         fast_unpack = os.environ.get("TRITON_INTERPRET") != "1"
     group = hq // hkv
     gp = group_pad(group)
-    # defaults measured on an H100 at 32k-128k, batch 1 and 8 (benchmarks/RESULTS.md): 2-bit
-    # codes 64-token tiles, one warp per program and an unpipelined residual loop (its staged
-    # fp16 tiles would cost shared memory, so fewer programs per SM); wider codes 32-token
-    # tiles, two warps; 8 waves of splits for a few (batch x KV head) rows, 16 for many (a
-    # grid just over one wave of resident programs leaves a slow tail); splits of at least 256
-    # tokens (shorter ones cost more to combine than they gain)
+    # defaults measured on an H100 at 32k-128k, batch 1 and 8 (benchmarks/RESULTS.md): 64-token
+    # tiles in 3 stages; 2-bit codes one warp per program and an unpipelined residual loop (its
+    # staged fp16 tiles would cost shared memory, so fewer programs per SM) with 8 waves of
+    # splits for a few (batch x KV head) rows; wider codes two warps, a pipelined residual and
+    # 6 waves for a few rows; 16 waves for many rows (a grid just over one wave of resident
+    # programs leaves a slow tail); splits of at least 256 tokens (shorter ones cost more to
+    # combine than they gain)
     two_bit = cache.key_bits == 2
     if block_n is None:
-        block_n = 64 if two_bit else 32
-        block_n = min(block_n, cache.group) if cache.key_per_channel else block_n
+        block_n = min(64, cache.group) if cache.key_per_channel else 64
     num_warps = num_warps or (1 if two_bit else 2)
+    num_stages = num_stages or 3
     res_stages = res_stages or (1 if two_bit else 2)
-    waves = waves or (8 if bsz * hkv < 32 else 16)
+    few = bsz * hkv < 32
+    waves = waves or (16 if not few else 8 if two_bit else 6)
     if cache.key_per_channel and cache.group % block_n:
         raise ValueError(f"block_n {block_n} must divide the quantisation group {cache.group}")
     if split_len is None:
