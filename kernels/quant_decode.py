@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import struct
 from dataclasses import dataclass
 
 import torch
@@ -93,79 +92,39 @@ class QuantKV:
         )  # fmt: skip
 
 
-def _field_shift(bits: int, p: int) -> tuple[int, int]:
-    """(right shift, bit position after it) of field p of a 16-bit word: a field that would
-    end past bit 10 (the float16 mantissa) is first shifted down to bit 0."""
-    pos = p * bits
-    return (pos, 0) if pos + bits > 10 else (0, pos)
-
-
 def _field_asm(bits: int, p: int) -> str:
     """PTX: two 16-bit words -> two float16 codes of field p, exactly.
 
     ``lop3`` computes (w & mask) | 0x6400 per 16-bit lane: the float16 1024 + 2^pos * code
     (exact: below 2048); the fma multiplies by 2^-pos and adds -1024 * 2^-pos in one rounding
     of an exact integer result."""
-    shift, pos = _field_shift(bits, p)
+    pos = p * bits
+    shift = 0
+    if pos + bits > 10:  # past the float16 mantissa: shift the field down to bit 0 first
+        shift, pos = pos, 0
     mask = (((1 << bits) - 1) << pos) * 0x10001
-
-    def f16x2(x: float) -> int:
-        return struct.unpack("<H", struct.pack("<e", x))[0] * 0x10001
-
+    # float16 bit patterns, both halves: 2^-pos and -1024 * 2^-pos = -2^(10 - pos)
+    mul = ((15 - pos) << 10) * 0x10001
+    add = (0x8000 | ((25 - pos) << 10)) * 0x10001
     shift_op = f"shr.b32 t, t, {shift}; " if shift else ""
     return (
         "{ .reg .b32 t, m, c; mov.b32 t, $1; "
         f"{shift_op}lop3.b32 t, t, {mask:#010x}, 0x64006400, 0xea; "
-        f"mov.b32 m, {f16x2(2.0**-pos):#010x}; mov.b32 c, {f16x2(-1024.0 * 2.0**-pos):#010x}; "
-        "fma.rn.f16x2 $0, t, m, c; }"
+        f"mov.b32 m, {mul:#010x}; mov.b32 c, {add:#010x}; fma.rn.f16x2 $0, t, m, c; }}"
     )
 
 
 if triton is not None:
-    _F2 = [tl.constexpr(_field_asm(2, p)) for p in range(8)]
-    _F4 = [tl.constexpr(_field_asm(4, p)) for p in range(4)]
-    _F8 = [tl.constexpr(_field_asm(8, p)) for p in range(2)]
-    _F2_0, _F2_1, _F2_2, _F2_3, _F2_4, _F2_5, _F2_6, _F2_7 = _F2
-    _F4_0, _F4_1, _F4_2, _F4_3 = _F4
-    _F8_0, _F8_1 = _F8
-
-    @triton.jit
-    def _field_ptx(words, asm: tl.constexpr):
-        return tl.inline_asm_elementwise(
-            asm, "=r,r", [words], dtype=tl.float16, is_pure=True, pack=2
-        )
+    _field_asm_constexpr = triton.constexpr_function(_field_asm)
 
     @triton.jit
     def _field(words, P: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
         """Field P of int16 words as float16 codes 0 .. 2^BITS - 1."""
         if FAST:  # two words per instruction group, no integer-to-float conversions
-            if BITS == 8:
-                codes = _field_ptx(words, _F8_0) if P == 0 else _field_ptx(words, _F8_1)
-            elif BITS == 4:
-                if P == 0:
-                    codes = _field_ptx(words, _F4_0)
-                elif P == 1:
-                    codes = _field_ptx(words, _F4_1)
-                elif P == 2:
-                    codes = _field_ptx(words, _F4_2)
-                else:
-                    codes = _field_ptx(words, _F4_3)
-            elif P == 0:
-                codes = _field_ptx(words, _F2_0)
-            elif P == 1:
-                codes = _field_ptx(words, _F2_1)
-            elif P == 2:
-                codes = _field_ptx(words, _F2_2)
-            elif P == 3:
-                codes = _field_ptx(words, _F2_3)
-            elif P == 4:
-                codes = _field_ptx(words, _F2_4)
-            elif P == 5:
-                codes = _field_ptx(words, _F2_5)
-            elif P == 6:
-                codes = _field_ptx(words, _F2_6)
-            else:
-                codes = _field_ptx(words, _F2_7)
+            codes = tl.inline_asm_elementwise(
+                _field_asm_constexpr(BITS, P), "=r,r", [words], dtype=tl.float16, is_pure=True,
+                pack=2,
+            )  # fmt: skip
         else:
             codes = ((words.to(tl.int32) >> (P * BITS)) & ((1 << BITS) - 1)).to(tl.float16)
         return codes

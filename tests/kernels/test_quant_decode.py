@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.quant_decode import QuantKV, _field_asm, _field_shift, dequantize_cache, quant_decode
+from kernels.quant_decode import QuantKV, _field_asm, dequantize_cache, quant_decode
 from kernels.quantize import quantize_groups
 from methods.quant import dequantize, quantize
 
@@ -55,15 +55,18 @@ def test_the_ptx_unpacking_constants_give_every_code_exactly(bits):
     (1024 + 2^pos * code), then one fma with the two float16 constants written into the PTX.
     Emulated here for every code of every field, with the fma's single rounding."""
     for p in range(16 // bits):
-        shift, pos = _field_shift(bits, p)
-        assert pos + bits <= 10  # the field lies inside the float16 mantissa
         asm = _field_asm(bits, p)
+        shifted = re.search(r"shr\.b32 t, t, (\d+);", asm)
+        shift = int(shifted.group(1)) if shifted else 0
         mask, lut = re.search(
             r"lop3\.b32 t, t, (0x[0-9a-f]+), 0x64006400, (0x[0-9a-f]+);", asm
         ).groups()
         assert lut == "0xea"  # (a & b) | c
+        low = int(mask, 16) & 0xFFFF
+        pos = (low & -low).bit_length() - 1
+        assert low == (2**bits - 1) << pos and pos + bits <= 10  # inside the float16 mantissa
+        assert shift + pos == p * bits  # the mask sits on field p after the shift
         m, c = (int(x, 16) for x in re.findall(r"mov\.b32 [mc], (0x[0-9a-f]+);", asm))
-        assert (f"shr.b32 t, t, {shift};" in asm) == (shift > 0)
         as_f16 = lambda bits16: float(np.array([bits16], np.uint16).view(np.float16)[0])  # noqa: E731
         mul, add = as_f16(m & 0xFFFF), as_f16(c & 0xFFFF)
         assert m >> 16 == m & 0xFFFF and c >> 16 == c & 0xFFFF  # both halves alike

@@ -1,0 +1,81 @@
+"""The Triton kernels compiled for an H100 (sm_90) on this CPU-only machine, with the ptxas
+that ships in Triton's wheel: GPU-only compile errors show up in CI, and the compiled code
+keeps the properties the measured speed rests on (benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.kernels.interpreter import needs_triton
+
+pytestmark = needs_triton
+
+
+def _compile_sm90(fn, pointers: dict, floats: set, constexprs: dict, num_warps: int, stages: int):
+    """PTX of ``fn`` for sm_90: pointer arguments as given, ``floats`` fp32, the rest int32."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(fn.arg_names)
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    src = ASTSource(
+        fn=fn,
+        signature=signature,
+        constexprs={(names.index(k),): v for k, v in constexprs.items()},
+    )
+    options = {"num_warps": num_warps, "num_stages": stages}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+@pytest.mark.parametrize("bits,warps,res_stages", [(2, 1, 1), (4, 2, 2)])
+def test_quantised_decode_reads_codes_as_words_and_unpacks_with_lop3(bits, warps, res_stages):
+    from kernels.quant_decode import _quant_decode_split
+
+    pointers = dict.fromkeys(["Q", "KS", "KZ", "VS", "VZ", "RK", "RV"], "fp16")
+    pointers |= {"KC": "i16", "VC": "i16", "O_PART": "fp32", "L_PART": "fp32"}
+    constexprs = dict(
+        GROUP=4, GP=4, D=128, BLOCK_N=64, KBITS=bits, VBITS=bits, QGROUP=128,
+        PER_CHANNEL=True, FAST=True, RES_STAGES=res_stages,
+    )  # fmt: skip
+    ptx = _compile_sm90(_quant_decode_split, pointers, {"scale_log2"}, constexprs, warps, 3)
+    # the codes reach registers in 16-bit or wider loads: the byte layout this replaced was
+    # read with 64 single-byte shared loads per tile, the cost its profile showed
+    assert not re.findall(r"ld\.shared(?:\.v\d)?\.(?:u8|s8|b8)", ptx)
+    # one lop3 and one exact fma per two codes: 64 x 128 codes of keys and of values per tile
+    # (the loop body appears once per software-pipelined copy, so count at least one tile)
+    per_tile = 2 * 64 * 128 // 2 // (32 * warps)
+    assert ptx.count("lop3.b32") >= per_tile
+    assert ptx.count("fma.rn.f16x2") == ptx.count("lop3.b32")
+    assert "mma.sync" in ptx  # products on tensor cores
+
+
+def test_statistics_pass_compiles_for_sm90_with_wgmma():
+    from kernels.attention_stats_triton import _stats_from_lse
+
+    pointers = {"Q": "bf16", "K": "bf16"}
+    pointers |= dict.fromkeys(["LSE2", "RECEIVED", "WINDOW", "ENT", "SINK", "MAXP"], "fp32")
+    pointers |= dict.fromkeys(["DIST", "LOCAL"], "fp32")
+    constexprs = dict(GROUP=4, SINKS=4, LOCAL_W=16, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64)
+    ptx = _compile_sm90(_stats_from_lse, pointers, {"scale_log2"}, constexprs, 4, 3)
+    assert "wgmma.mma_async" in ptx  # the transposed scores run on Hopper's warpgroup MMA
+    assert "red.global" in ptx or "atom.global" in ptx  # column sums added atomically
+
+
+def test_sparse_decode_compiles_for_sm90():
+    from kernels.sparse_decode import _sparse_decode_split
+
+    pointers = {"Q": "fp16", "K": "fp16", "V": "fp16", "LENGTHS": "i32"}
+    pointers |= {"O_PART": "fp32", "L_PART": "fp32"}
+    constexprs = dict(GROUP=4, GP=4, HEAD_DIM=128, BLOCK_N=64)
+    ptx = _compile_sm90(_sparse_decode_split, pointers, {"scale_log2"}, constexprs, 4, 3)
+    assert "mma.sync" in ptx
