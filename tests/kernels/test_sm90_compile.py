@@ -13,8 +13,13 @@ from tests.kernels.interpreter import needs_triton
 pytestmark = needs_triton
 
 
-def _compile_sm90(fn, pointers: dict, floats: set, constexprs: dict, num_warps: int, stages: int):
-    """PTX of ``fn`` for sm_90: pointer arguments as given, ``floats`` fp32, the rest int32."""
+def _compile_sm90(
+    fn, pointers: dict, floats: set, constexprs: dict, num_warps: int, stages: int,
+    divisible: set = frozenset(),
+):  # fmt: skip
+    """PTX of ``fn`` for sm_90: pointer arguments as given, ``floats`` fp32, the rest int32;
+    pointers and the integers in ``divisible`` marked multiples of 16, as Triton specialises
+    them at launch (this is what lets it vectorise loads)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -28,10 +33,12 @@ def _compile_sm90(fn, pointers: dict, floats: set, constexprs: dict, num_warps: 
             signature[name] = "*" + pointers[name]
         else:
             signature[name] = "fp32" if name in floats else "i32"
+    aligned = set(pointers) | set(divisible)
     src = ASTSource(
         fn=fn,
         signature=signature,
         constexprs={(names.index(k),): v for k, v in constexprs.items()},
+        attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned},
     )
     options = {"num_warps": num_warps, "num_stages": stages}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
@@ -47,7 +54,11 @@ def test_quantised_decode_reads_codes_as_words_and_unpacks_with_lop3(bits, warps
         GROUP=4, GP=4, D=128, BLOCK_N=64, KBITS=bits, VBITS=bits, QGROUP=128,
         PER_CHANNEL=True, FAST=True, RES_STAGES=res_stages,
     )  # fmt: skip
-    ptx = _compile_sm90(_quant_decode_split, pointers, {"scale_log2"}, constexprs, warps, 3)
+    strides = {"stride_qb", "stride_qh", "kc_bh", "ks_bh", "vc_bh", "vs_bh", "rk_bh", "rv_bh"}
+    divisible = strides | {"SPLIT_LEN", "N_QUANT"}
+    ptx = _compile_sm90(
+        _quant_decode_split, pointers, {"scale_log2"}, constexprs, warps, 3, divisible
+    )
     # the codes reach registers in 16-bit or wider loads: the byte layout this replaced was
     # read with 64 single-byte shared loads per tile, the cost its profile showed
     assert not re.findall(r"ld\.shared(?:\.v\d)?\.(?:u8|s8|b8)", ptx)
@@ -57,6 +68,7 @@ def test_quantised_decode_reads_codes_as_words_and_unpacks_with_lop3(bits, warps
     assert ptx.count("lop3.b32") >= per_tile
     assert ptx.count("fma.rn.f16x2") == ptx.count("lop3.b32")
     assert "mma.sync" in ptx  # products on tensor cores
+    assert "cp.async" in ptx  # tiles stream into shared memory asynchronously (pipelined)
 
 
 def test_statistics_pass_compiles_for_sm90_with_wgmma():
@@ -66,7 +78,8 @@ def test_statistics_pass_compiles_for_sm90_with_wgmma():
     pointers |= dict.fromkeys(["LSE2", "RECEIVED", "WINDOW", "ENT", "SINK", "MAXP"], "fp32")
     pointers |= dict.fromkeys(["DIST", "LOCAL"], "fp32")
     constexprs = dict(GROUP=4, SINKS=4, LOCAL_W=16, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64)
-    ptx = _compile_sm90(_stats_from_lse, pointers, {"scale_log2"}, constexprs, 4, 3)
+    divisible = {"stride_qh", "stride_qt", "stride_kh", "stride_kt", "T_Q", "T_K"}
+    ptx = _compile_sm90(_stats_from_lse, pointers, {"scale_log2"}, constexprs, 4, 3, divisible)
     assert "wgmma.mma_async" in ptx  # the transposed scores run on Hopper's warpgroup MMA
     assert "red.global" in ptx or "atom.global" in ptx  # column sums added atomically
 
@@ -77,5 +90,7 @@ def test_sparse_decode_compiles_for_sm90():
     pointers = {"Q": "fp16", "K": "fp16", "V": "fp16", "LENGTHS": "i32"}
     pointers |= {"O_PART": "fp32", "L_PART": "fp32"}
     constexprs = dict(GROUP=4, GP=4, HEAD_DIM=128, BLOCK_N=64)
-    ptx = _compile_sm90(_sparse_decode_split, pointers, {"scale_log2"}, constexprs, 4, 3)
+    divisible = {"stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_kc"}
+    divisible |= {"stride_vb", "stride_vh", "stride_vc", "SPLIT_LEN"}
+    ptx = _compile_sm90(_sparse_decode_split, pointers, {"scale_log2"}, constexprs, 4, 3, divisible)
     assert "mma.sync" in ptx
