@@ -13,35 +13,10 @@ from tests.kernels.interpreter import needs_triton
 pytestmark = needs_triton
 
 
-def _compile_sm90(
-    fn, pointers: dict, floats: set, constexprs: dict, num_warps: int, stages: int,
-    divisible: set = frozenset(),
-):  # fmt: skip
-    """PTX of ``fn`` for sm_90: pointer arguments as given, ``floats`` fp32, the rest int32;
-    pointers and the integers in ``divisible`` marked multiples of 16, as Triton specialises
-    them at launch (this is what lets it vectorise loads)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def _compile_sm90(*args, **kwargs) -> str:
+    from kernels.offline_compile import compile_sm90
 
-    names = list(fn.arg_names)
-    signature = {}
-    for name in names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = "*" + pointers[name]
-        else:
-            signature[name] = "fp32" if name in floats else "i32"
-    aligned = set(pointers) | set(divisible)
-    src = ASTSource(
-        fn=fn,
-        signature=signature,
-        constexprs={(names.index(k),): v for k, v in constexprs.items()},
-        attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned},
-    )
-    options = {"num_warps": num_warps, "num_stages": stages}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    return compile_sm90(*args, **kwargs).asm["ptx"]
 
 
 @pytest.mark.parametrize("bits,warps,res_stages", [(2, 1, 1), (4, 2, 2)])
@@ -69,6 +44,25 @@ def test_quantised_decode_reads_codes_as_words_and_unpacks_with_lop3(bits, warps
     assert ptx.count("fma.rn.f16x2") == ptx.count("lop3.b32")
     assert "mma.sync" in ptx  # products on tensor cores
     assert "cp.async" in ptx  # tiles stream into shared memory asynchronously (pipelined)
+
+
+def test_main_loop_mix_counts_the_tile_loop_of_the_quantised_kernel():
+    from kernels.offline_compile import compile_sm90, main_loop_mix
+    from kernels.quant_decode import _quant_decode_split
+
+    pointers = dict.fromkeys(["Q", "KS", "KZ", "VS", "VZ", "RK", "RV"], "fp16")
+    pointers |= {"KC": "i16", "VC": "i16", "O_PART": "fp32", "L_PART": "fp32"}
+    constexprs = dict(
+        GROUP=4, GP=4, D=128, BLOCK_N=64, KBITS=4, VBITS=4, QGROUP=128,
+        PER_CHANNEL=True, FAST=True, RES_STAGES=2,
+    )  # fmt: skip
+    kernel = compile_sm90(_quant_decode_split, pointers, {"scale_log2"}, constexprs, 2, 3)
+    regs, ops = main_loop_mix(kernel)
+    assert 0 < regs <= 255
+    # one iteration unpacks 64 tokens x 128 channels of keys and of values over 64 threads:
+    # 256 codes a thread, one lop3 (and one fma) per two
+    assert ops["LOP3.LUT"] >= 128 and ops["HFMA2"] == 128
+    assert any(op.startswith("HMMA") for op in ops)
 
 
 def test_statistics_pass_compiles_for_sm90_with_wgmma():

@@ -1,0 +1,49 @@
+"""Where the quantised decode kernel's instructions go: each width's default configuration
+compiled for sm_90 (no GPU needed, Triton's bundled ptxas), and the SASS opcodes of one
+iteration of its tile loop. Prints registers, shared memory, instructions per iteration and
+per (token, KV head) (warp instructions), and the most frequent opcodes. Not a timing: read it
+beside benchmarks/gpu_decode.py, which measures.
+
+    python benchmarks/sass_mix.py
+"""
+
+from __future__ import annotations
+
+from kernels.offline_compile import compile_sm90, main_loop_mix
+from kernels.quant_decode import _quant_decode_split
+
+POINTERS = dict.fromkeys(["Q", "KS", "KZ", "VS", "VZ", "RK", "RV"], "fp16") | {
+    "KC": "i16",
+    "VC": "i16",
+    "O_PART": "fp32",
+    "L_PART": "fp32",
+}
+DIVISIBLE = {"stride_qb", "stride_qh", "kc_bh", "ks_bh", "vc_bh", "vs_bh", "rk_bh", "rv_bh"}
+DIVISIBLE |= {"SPLIT_LEN", "N_QUANT"}
+
+
+def main() -> None:
+    print(
+        "| codes | warps | tile tokens | registers | shared KiB | instr / iteration | warp instr / (token, KV head) | top opcodes |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    # the launcher's defaults (kernels/quant_decode.py), query group 4 (32 q / 8 kv), d 128
+    for bits, warps, res_stages in [(2, 1, 1), (4, 2, 2), (8, 2, 2)]:
+        constexprs = dict(
+            GROUP=4, GP=4, D=128, BLOCK_N=64, KBITS=bits, VBITS=bits, QGROUP=128,
+            PER_CHANNEL=True, FAST=True, RES_STAGES=res_stages,
+        )  # fmt: skip
+        kernel = compile_sm90(
+            _quant_decode_split, POINTERS, {"scale_log2"}, constexprs, warps, 3, DIVISIBLE
+        )
+        regs, ops = main_loop_mix(kernel)
+        n = sum(ops.values())
+        top = ", ".join(f"{op} {count}" for op, count in ops.most_common(8))
+        print(
+            f"| int{bits} | {warps} | 64 | {regs} | {kernel.metadata.shared / 1024:.1f} | {n} | "
+            f"{n * warps / 64:.1f} | {top} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
