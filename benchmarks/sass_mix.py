@@ -9,17 +9,7 @@ beside benchmarks/gpu_decode.py, which measures.
 
 from __future__ import annotations
 
-from kernels.offline_compile import compile_sm90, main_loop_mix
-from kernels.quant_decode import _quant_decode_split
-
-POINTERS = dict.fromkeys(["Q", "KS", "KZ", "VS", "VZ", "RK", "RV"], "fp16") | {
-    "KC": "i16",
-    "VC": "i16",
-    "O_PART": "fp32",
-    "L_PART": "fp32",
-}
-DIVISIBLE = {"stride_qb", "stride_qh", "kc_bh", "ks_bh", "vc_bh", "vs_bh", "rk_bh", "rv_bh"}
-DIVISIBLE |= {"SPLIT_LEN", "N_QUANT"}
+from kernels.offline_compile import compile_quant_decode_sm90, main_loop_mix
 
 
 def main() -> None:
@@ -29,13 +19,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     # the launcher's defaults (kernels/quant_decode.py), query group 4 (32 q / 8 kv), d 128
     for bits, warps, res_stages in [(2, 1, 1), (4, 2, 2), (8, 2, 2)]:
-        constexprs = dict(
-            GROUP=4, GP=4, D=128, BLOCK_N=64, KBITS=bits, VBITS=bits, QGROUP=128,
-            PER_CHANNEL=True, FAST=True, RES_STAGES=res_stages,
-        )  # fmt: skip
-        kernel = compile_sm90(
-            _quant_decode_split, POINTERS, {"scale_log2"}, constexprs, warps, 3, DIVISIBLE
-        )
+        kernel = compile_quant_decode_sm90(bits, warps, res_stages)
         regs, ops = main_loop_mix(kernel)
         n = sum(ops.values())
         top = ", ".join(f"{op} {count}" for op, count in ops.most_common(8))

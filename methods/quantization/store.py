@@ -21,7 +21,7 @@ import dataclasses
 import torch
 
 from kernels.quant_decode import QuantKV, dequantize_cache, quant_decode
-from kernels.quantize import quantize_groups
+from kernels.quantize import empty_blocks, quantize_groups
 from probes.errors import KvlensError
 
 
@@ -59,15 +59,10 @@ class QuantHeadStore:
             None if rotation is None else rotation.to(device=device, dtype=torch.float32)
         )
         per_channel = key_grouping == "channel"
-        u8 = {"dtype": torch.uint8, "device": device}
-        f16 = {"dtype": torch.float16, "device": device}
         h, d = n_heads, head_dim
-        self._kc = torch.zeros(h, 0, -(-d * key_bits // 8), **u8)
-        self._ks = torch.zeros((h, 0, d) if per_channel else (h, 0), **f16)
-        self._kz = torch.zeros_like(self._ks)
-        self._vc = torch.zeros(h, 0, -(-d * value_bits // 8), **u8)
-        self._vs = torch.zeros(h, 0, **f16)
-        self._vz = torch.zeros_like(self._vs)
+        empty = empty_blocks(h, 0, d, key_bits, value_bits, group, per_channel, device)
+        self._kc, self._ks, self._kz = empty.key_codes, empty.key_scale, empty.key_zero
+        self._vc, self._vs, self._vz = empty.value_codes, empty.value_scale, empty.value_zero
         self._rk = torch.zeros(h, 0, d, dtype=dtype, device=device)
         self._rv = torch.zeros_like(self._rk)
         self._pos = torch.zeros(0, dtype=torch.int32, device=device)

@@ -21,19 +21,9 @@ def _compile_sm90(*args, **kwargs) -> str:
 
 @pytest.mark.parametrize("bits,warps,res_stages", [(2, 1, 1), (4, 2, 2)])
 def test_quantised_decode_reads_codes_as_words_and_unpacks_with_lop3(bits, warps, res_stages):
-    from kernels.quant_decode import _quant_decode_split
+    from kernels.offline_compile import compile_quant_decode_sm90
 
-    pointers = dict.fromkeys(["Q", "KS", "KZ", "VS", "VZ", "RK", "RV"], "fp16")
-    pointers |= {"KC": "i16", "VC": "i16", "O_PART": "fp32", "L_PART": "fp32"}
-    constexprs = dict(
-        GROUP=4, GP=4, D=128, BLOCK_N=64, KBITS=bits, VBITS=bits, QGROUP=128,
-        PER_CHANNEL=True, FAST=True, RES_STAGES=res_stages,
-    )  # fmt: skip
-    strides = {"stride_qb", "stride_qh", "kc_bh", "ks_bh", "vc_bh", "vs_bh", "rk_bh", "rv_bh"}
-    divisible = strides | {"SPLIT_LEN", "N_QUANT"}
-    ptx = _compile_sm90(
-        _quant_decode_split, pointers, {"scale_log2"}, constexprs, warps, 3, divisible
-    )
+    ptx = compile_quant_decode_sm90(bits, warps, res_stages).asm["ptx"]
     # the codes reach registers in 16-bit or wider loads: the byte layout this replaced was
     # read with 64 single-byte shared loads per tile, the cost its profile showed
     assert not re.findall(r"ld\.shared(?:\.v\d)?\.(?:u8|s8|b8)", ptx)
@@ -47,16 +37,9 @@ def test_quantised_decode_reads_codes_as_words_and_unpacks_with_lop3(bits, warps
 
 
 def test_main_loop_mix_counts_the_tile_loop_of_the_quantised_kernel():
-    from kernels.offline_compile import compile_sm90, main_loop_mix
-    from kernels.quant_decode import _quant_decode_split
+    from kernels.offline_compile import compile_quant_decode_sm90, main_loop_mix
 
-    pointers = dict.fromkeys(["Q", "KS", "KZ", "VS", "VZ", "RK", "RV"], "fp16")
-    pointers |= {"KC": "i16", "VC": "i16", "O_PART": "fp32", "L_PART": "fp32"}
-    constexprs = dict(
-        GROUP=4, GP=4, D=128, BLOCK_N=64, KBITS=4, VBITS=4, QGROUP=128,
-        PER_CHANNEL=True, FAST=True, RES_STAGES=2,
-    )  # fmt: skip
-    kernel = compile_sm90(_quant_decode_split, pointers, {"scale_log2"}, constexprs, 2, 3)
+    kernel = compile_quant_decode_sm90(4, 2, 2)
     regs, ops = main_loop_mix(kernel)
     assert 0 < regs <= 255
     # one iteration unpacks 64 tokens x 128 channels of keys and of values over 64 threads:
