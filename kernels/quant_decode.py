@@ -8,15 +8,19 @@ holds all query heads of the group.
 
 How the packed codes are read: each field of the 16-bit words is a contiguous block of
 W = D*b/16 channels, so the kernel loads codes as 16-bit words (the shared-memory-to-register
-path of 16-bit operands), and per field p turns them into float16 codes with a shift, one
-``lop3`` that ORs the field into the mantissa of 1024.0, and one f16x2 fused multiply-add
-that scales by 2^-position and subtracts the 1024 (exact); then multiplies the query block
-p (keys) or the probabilities (values) by them on tensor cores. For per-channel keys the
-group's scale and zero fold into the query; the zero point adds sum(q * zero) to every score.
-Values fold their per-token scale into the probabilities: out_p += (p * value_scale) @ codes_p,
-and sum(p * value_zero) is added to every channel. The blocks join into channel order once per
-program. The residual is the last segment of the same online softmax, read by the last
-split. Splits are combined by ``kernels.split_decode``.
+path of 16-bit operands), and per field p turns them into float16 codes with one ``lop3`` that
+ORs the field into the mantissa of 1024.0 and one f16x2 fused multiply-add that scales by
+2^-position and subtracts the 1024 (exact); fields past the mantissa's 10 bits are read from
+the words' high bytes, which one byte permute per two words provides. The products are
+transposed, tokens as rows: scores S^T [BLOCK_N, GP] = codes_p @ (q_p)^T and the output
+O^T [D, GP] per channel block = codes_p^T @ P^T, so the 4-head query group pads the tensor-core
+tile's 8-wide N side rather than its 16-row M side (half the padded products, half the
+softmax work: 1.2x faster for 2-bit codes than query rows as M, benchmarks/RESULTS.md).
+For per-channel keys the group's scale and zero fold into the query; the zero point adds
+sum(q * zero) to every score. Values fold their per-token scale into the probabilities:
+out_p += codes_p^T @ (p * value_scale), and sum(p * value_zero) is added to every channel. The
+blocks join into channel order once per program. The residual is the last segment of the same
+online softmax, read by the last split. Splits are combined by ``kernels.split_decode``.
 
 File order: kernel -> launcher -> reference -> dispatcher.
 """
@@ -92,67 +96,109 @@ class QuantKV:
         )  # fmt: skip
 
 
-def _field_asm(bits: int, p: int) -> str:
-    """PTX: two 16-bit words -> two float16 codes of field p, exactly.
+def _field_asm(bits: int, pos: int) -> str:
+    """PTX: two 16-bit words -> two float16 codes of the ``bits``-wide field at bit ``pos``,
+    exactly (the field must lie in the float16 mantissa: pos + bits <= 10).
 
     ``lop3`` computes (w & mask) | 0x6400 per 16-bit lane: the float16 1024 + 2^pos * code
     (exact: below 2048); the fma multiplies by 2^-pos and adds -1024 * 2^-pos in one rounding
     of an exact integer result."""
-    pos = p * bits
-    shift = 0
-    if pos + bits > 10:  # past the float16 mantissa: shift the field down to bit 0 first
-        shift, pos = pos, 0
+    if pos + bits > 10:
+        raise ValueError(f"a {bits}-bit field at bit {pos} is not inside the float16 mantissa")
     mask = (((1 << bits) - 1) << pos) * 0x10001
     # float16 bit patterns, both halves: 2^-pos and -1024 * 2^-pos = -2^(10 - pos)
     mul = ((15 - pos) << 10) * 0x10001
     add = (0x8000 | ((25 - pos) << 10)) * 0x10001
-    shift_op = f"shr.b32 t, t, {shift}; " if shift else ""
     return (
-        "{ .reg .b32 t, m, c; mov.b32 t, $1; "
-        f"{shift_op}lop3.b32 t, t, {mask:#010x}, 0x64006400, 0xea; "
+        "{ .reg .b32 t, m, c; "
+        f"lop3.b32 t, $1, {mask:#010x}, 0x64006400, 0xea; "
         f"mov.b32 m, {mul:#010x}; mov.b32 c, {add:#010x}; fma.rn.f16x2 $0, t, m, c; }}"
     )
 
 
+# PTX: two 16-bit words -> their high bytes (w >> 8) in one byte permute: output bytes 0 and 2
+# are input bytes 1 and 3, bytes 1 and 3 come from the zero operand (selector 4)
+HIGH_BYTES_ASM = "prmt.b32 $0, $1, 0, 0x4341;"
+
+
+def field_from_high_bytes(bits: int, p: int) -> bool:
+    """Whether field p reaches past the float16 mantissa (bit 10), so is unpacked from the
+    words' high bytes (one permute per two words serves all such fields)."""
+    return p * bits + bits > 10
+
+
+def field_position(bits: int, p: int) -> int:
+    """Bit position of field p in what it is unpacked from (the word or its high bytes)."""
+    pos = p * bits
+    return pos - 8 if pos + bits > 10 else pos  # (field_from_high_bytes, restated for Triton)
+
+
 if triton is not None:
     _field_asm_constexpr = triton.constexpr_function(_field_asm)
+    _from_high_constexpr = triton.constexpr_function(field_from_high_bytes)
+    _position_constexpr = triton.constexpr_function(field_position)
+    _HIGH_BYTES = tl.constexpr(HIGH_BYTES_ASM)
 
     @triton.jit
-    def _field(words, P: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
-        """Field P of int16 words as float16 codes 0 .. 2^BITS - 1."""
+    def _unpack_at(words, POS: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
+        """The BITS-wide field at bit POS of int16 words as float16 codes 0 .. 2^BITS - 1."""
         if FAST:  # two words per instruction group, no integer-to-float conversions
             codes = tl.inline_asm_elementwise(
-                _field_asm_constexpr(BITS, P), "=r,r", [words], dtype=tl.float16, is_pure=True,
-                pack=2,
+                _field_asm_constexpr(BITS, POS), "=r,r", [words], dtype=tl.float16,
+                is_pure=True, pack=2,
             )  # fmt: skip
         else:
-            codes = ((words.to(tl.int32) >> (P * BITS)) & ((1 << BITS) - 1)).to(tl.float16)
+            codes = ((words.to(tl.int32) >> POS) & ((1 << BITS) - 1)).to(tl.float16)
+        return codes
+
+    @triton.jit
+    def _high_bytes(words, FAST: tl.constexpr):
+        """int16 words -> their high bytes, as int16."""
+        if FAST:
+            high = tl.inline_asm_elementwise(
+                _HIGH_BYTES, "=r,r", [words], dtype=tl.int16, is_pure=True, pack=2
+            )
+        else:
+            high = ((words.to(tl.int32) >> 8) & 0xFF).to(tl.int16)
+        return high
+
+    @triton.jit
+    def _field(words, high, P: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
+        """Field P of int16 words (``high``: their high bytes) as float16 codes."""
+        if _from_high_constexpr(BITS, P):
+            codes = _unpack_at(high, _position_constexpr(BITS, P), BITS, FAST)
+        else:
+            codes = _unpack_at(words, _position_constexpr(BITS, P), BITS, FAST)
         return codes
 
     @triton.jit
     def _scores_part(
-        s, z, q_ptr, offs_g, row_ok, kw, srow, zrow, offs_w,
+        s, z, q_ptr, offs_g, row_ok, kw, kw_high, srow, zrow, offs_w,
         P: tl.constexpr, W: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         PER_CHANNEL: tl.constexpr, FAST: tl.constexpr,
     ):  # fmt: skip
-        """Add the scores of channel block P (and, per channel, its zero-point term)."""
+        """Add the transposed scores [BLOCK_N, GP] of channel block P (and, per channel, its
+        zero-point term)."""
         ch = P * W + offs_w
-        qp = tl.load(q_ptr + offs_g[:, None] * D + ch[None, :], mask=row_ok[:, None], other=0.0)
-        qp = qp.to(tl.float32)
-        codes = _field(kw, P, BITS, FAST)  # [W, BLOCK_N]
+        q_t = tl.load(q_ptr + offs_g[None, :] * D + ch[:, None], mask=row_ok[None, :], other=0.0)
+        q_t = q_t.to(tl.float32)  # [W, GP]
+        codes = _field(kw, kw_high, P, BITS, FAST)  # [BLOCK_N, W]
         if PER_CHANNEL:
             sc = tl.load(srow + ch).to(tl.float32)
             zc = tl.load(zrow + ch).to(tl.float32)
-            s = tl.dot((qp * sc[None, :]).to(tl.float16), codes, s)
-            z += tl.sum(qp * zc[None, :], 1)
+            s = tl.dot(codes, (q_t * sc[:, None]).to(tl.float16), s)
+            z += q_t * zc[:, None]
         else:
-            s = tl.dot(qp.to(tl.float16), codes, s)
-            z += tl.sum(qp, 1)  # times each token's zero, applied by the caller
+            s = tl.dot(codes, q_t.to(tl.float16), s)
+            z += q_t  # times each token's zero, applied by the caller
         return s, z
 
     @triton.jit
-    def _value_part(acc, alpha, pv, vw, P: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
-        return tl.dot(pv, _field(vw, P, BITS, FAST), acc * alpha[:, None])
+    def _value_part(
+        acc, alpha, pv, vw, vw_high, P: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr
+    ):
+        """acc [W, GP] (channel block P of the transposed output) * alpha + codes_P^T @ pv."""
+        return tl.dot(_field(vw, vw_high, P, BITS, FAST), pv, acc * alpha[None, :])
 
     @triton.jit
     def _quant_decode_split(
@@ -179,14 +225,15 @@ if triton is not None:
         q_ptr = Q + b * stride_qb + h * GROUP * stride_qh  # stride_qh == D (made contiguous)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
-        a0 = tl.zeros([GP, VW], tl.float32)
-        a1 = tl.zeros([GP, VW], tl.float32)
-        a2 = tl.zeros([GP, VW], tl.float32)
-        a3 = tl.zeros([GP, VW], tl.float32)
-        a4 = tl.zeros([GP, VW], tl.float32)
-        a5 = tl.zeros([GP, VW], tl.float32)
-        a6 = tl.zeros([GP, VW], tl.float32)
-        a7 = tl.zeros([GP, VW], tl.float32)
+        # the output transposed, per channel block: a_p [VW, GP] holds channels p*VW + e
+        a0 = tl.zeros([VW, GP], tl.float32)
+        a1 = tl.zeros([VW, GP], tl.float32)
+        a2 = tl.zeros([VW, GP], tl.float32)
+        a3 = tl.zeros([VW, GP], tl.float32)
+        a4 = tl.zeros([VW, GP], tl.float32)
+        a5 = tl.zeros([VW, GP], tl.float32)
+        a6 = tl.zeros([VW, GP], tl.float32)
+        a7 = tl.zeros([VW, GP], tl.float32)
         az = tl.zeros([GP], tl.float32)  # sum of p * value zero point, added to every channel
         start = split * SPLIT_LEN
         end = tl.minimum(start + SPLIT_LEN, N_QUANT)
@@ -195,60 +242,65 @@ if triton is not None:
         for n0 in tl.range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             ok = offs_n < end
-            # key words loaded transposed [KW, BLOCK_N]: the product's right operand as is
+            # key words [BLOCK_N, KW] as stored: tokens are the products' rows (operand A)
             kw = tl.load(
-                kc_base + offs_n[None, :] * KW + offs_kw[:, None], mask=ok[None, :], other=0
+                kc_base + offs_n[:, None] * KW + offs_kw[None, :], mask=ok[:, None], other=0
             )
+            kw_high = _high_bytes(kw, FAST)
             srow = KS + pid_bh * ks_bh + (n0 // QGROUP) * D
             zrow = KZ + pid_bh * ks_bh + (n0 // QGROUP) * D
-            s = tl.zeros([GP, BLOCK_N], tl.float32)
-            z = tl.zeros([GP], tl.float32)
+            s = tl.zeros([BLOCK_N, GP], tl.float32)
+            z = tl.zeros([KW, GP], tl.float32)  # zero-point terms, summed over blocks first
             for p in tl.static_range(KP):
                 s, z = _scores_part(
-                    s, z, q_ptr, offs_g, row_ok, kw, srow, zrow, offs_kw, p, KW, D, KBITS,
-                    PER_CHANNEL, FAST,
+                    s, z, q_ptr, offs_g, row_ok, kw, kw_high, srow, zrow, offs_kw, p, KW, D,
+                    KBITS, PER_CHANNEL, FAST,
                 )  # fmt: skip
+            z = tl.sum(z, 0)  # one reduction over channels per tile, not one per block
             if PER_CHANNEL:
-                s = s + z[:, None]
+                s = s + z[None, :]
             else:
                 ks = tl.load(KS + pid_bh * ks_bh + offs_n, mask=ok, other=0.0).to(tl.float32)
                 kz = tl.load(KZ + pid_bh * ks_bh + offs_n, mask=ok, other=0.0).to(tl.float32)
-                s = s * ks[None, :] + z[:, None] * kz[None, :]
-            s = tl.where(ok[None, :], s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+                s = s * ks[:, None] + kz[:, None] * z[None, :]
+            s = tl.where(ok[:, None], s * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p = tl.exp2(s - m_safe[None, :])
+            l_i = l_i * alpha + tl.sum(p, 0)
             m_i = m_new
             vs = tl.load(VS + pid_bh * vs_bh + offs_n, mask=ok, other=0.0).to(tl.float32)
             vz = tl.load(VZ + pid_bh * vs_bh + offs_n, mask=ok, other=0.0).to(tl.float32)
+            # value words loaded transposed [VW, BLOCK_N]: channels are the products' rows
             vw = tl.load(
-                vc_base + offs_n[:, None] * VW + offs_vw[None, :], mask=ok[:, None], other=0
+                vc_base + offs_n[None, :] * VW + offs_vw[:, None], mask=ok[None, :], other=0
             )
-            pv = (p * vs[None, :]).to(tl.float16)
-            az = az * alpha + tl.sum(p * vz[None, :], 1)
-            a0 = _value_part(a0, alpha, pv, vw, 0, VBITS, FAST)
-            a1 = _value_part(a1, alpha, pv, vw, 1, VBITS, FAST)
+            vw_high = _high_bytes(vw, FAST)
+            pv = (p * vs[:, None]).to(tl.float16)  # [BLOCK_N, GP]
+            az = az * alpha + tl.sum(p * vz[:, None], 0)
+            a0 = _value_part(a0, alpha, pv, vw, vw_high, 0, VBITS, FAST)
+            a1 = _value_part(a1, alpha, pv, vw, vw_high, 1, VBITS, FAST)
             if VP >= 4:
-                a2 = _value_part(a2, alpha, pv, vw, 2, VBITS, FAST)
-                a3 = _value_part(a3, alpha, pv, vw, 3, VBITS, FAST)
+                a2 = _value_part(a2, alpha, pv, vw, vw_high, 2, VBITS, FAST)
+                a3 = _value_part(a3, alpha, pv, vw, vw_high, 3, VBITS, FAST)
             if VP >= 8:
-                a4 = _value_part(a4, alpha, pv, vw, 4, VBITS, FAST)
-                a5 = _value_part(a5, alpha, pv, vw, 5, VBITS, FAST)
-                a6 = _value_part(a6, alpha, pv, vw, 6, VBITS, FAST)
-                a7 = _value_part(a7, alpha, pv, vw, 7, VBITS, FAST)
-        # channel blocks back into channel order: block p holds channels p*VW .. p*VW + VW - 1
+                a4 = _value_part(a4, alpha, pv, vw, vw_high, 4, VBITS, FAST)
+                a5 = _value_part(a5, alpha, pv, vw, vw_high, 5, VBITS, FAST)
+                a6 = _value_part(a6, alpha, pv, vw, vw_high, 6, VBITS, FAST)
+                a7 = _value_part(a7, alpha, pv, vw, vw_high, 7, VBITS, FAST)
+        # channel blocks [VW, GP] back into [GP, D] in channel order; tl.join stacks on a new
+        # last axis, so after the joins axis 2 is bit 0 of the block index p, axis 3 bit 1 ...
         if VP == 2:
-            acc = tl.reshape(tl.permute(tl.join(a0, a1), (0, 2, 1)), [GP, D])
+            acc = tl.reshape(tl.permute(tl.join(a0, a1), (1, 2, 0)), [GP, D])
         elif VP == 4:
             acc = tl.join(tl.join(a0, a1), tl.join(a2, a3))
-            acc = tl.reshape(tl.permute(acc, (0, 3, 2, 1)), [GP, D])
+            acc = tl.reshape(tl.permute(acc, (1, 3, 2, 0)), [GP, D])
         else:
             acc = tl.join(
                 tl.join(tl.join(a0, a1), tl.join(a2, a3)), tl.join(tl.join(a4, a5), tl.join(a6, a7))
             )
-            acc = tl.reshape(tl.permute(acc, (0, 4, 3, 2, 1)), [GP, D])
+            acc = tl.reshape(tl.permute(acc, (1, 4, 3, 2, 0)), [GP, D])
         acc += az[:, None]
         # the full-precision residual: the last segment, read by the last split
         res_end = tl.where(split == N_SPLITS - 1, N_RES, 0)

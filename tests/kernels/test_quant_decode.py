@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.quant_decode import QuantKV, _field_asm, dequantize_cache, quant_decode
+from kernels.quant_decode import (
+    HIGH_BYTES_ASM,
+    QuantKV,
+    _field_asm,
+    dequantize_cache,
+    field_from_high_bytes,
+    field_position,
+    quant_decode,
+)
 from kernels.quantize import quantize_groups
 from methods.quant import dequantize, quantize
 
@@ -49,29 +57,55 @@ def test_decode_equals_softmax_attention_over_the_dequantised_cache():
     torch.testing.assert_close(quant_decode(q, cache, scale=0.2), want, atol=1e-5, rtol=1e-5)
 
 
+def _prmt(a: int, b: int, selector: int) -> int:
+    """PTX prmt.b32 (default mode): output byte i is byte (selector nibble i) of {b, a}."""
+    pool = a | b << 32
+    return sum(((pool >> (8 * ((selector >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+
+
+def _high_bytes(pair: int) -> int:
+    """HIGH_BYTES_ASM emulated on a 32-bit register holding two 16-bit words."""
+    other, selector = re.fullmatch(
+        r"prmt\.b32 \$0, \$1, (\d+), (0x[0-9a-f]+);", HIGH_BYTES_ASM
+    ).groups()  # fmt: skip
+    return _prmt(pair, int(other), int(selector, 16))
+
+
+def test_the_high_bytes_permute_shifts_each_16_bit_word_down_by_8():
+    for pair in (0x12345678, 0xFFFF0000, 0x0000FFFF, 0x80018002, 0xDEADBEEF):
+        assert _high_bytes(pair) == ((pair >> 8) & 0xFF) | (((pair >> 24) & 0xFF) << 16)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_the_ptx_unpacking_constants_give_every_code_exactly(bits):
-    """The GPU turns field p of a 16-bit word into float16 by (w >> shift) & mask | 0x6400
-    (1024 + 2^pos * code), then one fma with the two float16 constants written into the PTX.
-    Emulated here for every code of every field, with the fma's single rounding."""
+    """The GPU turns field p of a 16-bit word into float16 by src & mask | 0x6400 (1024 +
+    2^pos * code), src being the word or, for fields past the float16 mantissa, its high byte;
+    then one fma with the two float16 constants written into the PTX. Emulated here for every
+    code of every field, with the fma's single rounding."""
     for p in range(16 // bits):
-        asm = _field_asm(bits, p)
-        shifted = re.search(r"shr\.b32 t, t, (\d+);", asm)
-        shift = int(shifted.group(1)) if shifted else 0
+        high = field_from_high_bytes(bits, p)
+        assert high == (p * bits + bits > 10)  # the permute serves exactly these fields
+        asm = _field_asm(bits, field_position(bits, p))
         mask, lut = re.search(
-            r"lop3\.b32 t, t, (0x[0-9a-f]+), 0x64006400, (0x[0-9a-f]+);", asm
+            r"lop3\.b32 t, \$1, (0x[0-9a-f]+), 0x64006400, (0x[0-9a-f]+);", asm
         ).groups()
         assert lut == "0xea"  # (a & b) | c
         low = int(mask, 16) & 0xFFFF
         pos = (low & -low).bit_length() - 1
         assert low == (2**bits - 1) << pos and pos + bits <= 10  # inside the float16 mantissa
-        assert shift + pos == p * bits  # the mask sits on field p after the shift
+        assert pos + (8 if high else 0) == p * bits  # the mask sits on field p
         m, c = (int(x, 16) for x in re.findall(r"mov\.b32 [mc], (0x[0-9a-f]+);", asm))
         as_f16 = lambda bits16: float(np.array([bits16], np.uint16).view(np.float16)[0])  # noqa: E731
         mul, add = as_f16(m & 0xFFFF), as_f16(c & 0xFFFF)
         assert m >> 16 == m & 0xFFFF and c >> 16 == c & 0xFFFF  # both halves alike
         for code in range(2**bits):
             word = code << (p * bits) | (0xFFFF ^ ((2**bits - 1) << (p * bits)))  # other bits set
-            t = ((word >> shift) & int(mask, 16) & 0xFFFF) | 0x6400
+            src = _high_bytes(word | word << 16) & 0xFFFF if high else word
+            t = (src & int(mask, 16) & 0xFFFF) | 0x6400
             exact = as_f16(t) * mul + add  # exact in float64; float16 rounds it once
             assert float(np.float16(exact)) == code, (bits, p, code)
+
+
+def test_a_field_outside_the_mantissa_is_refused():
+    with pytest.raises(ValueError, match="mantissa"):
+        _field_asm(4, 8)
