@@ -328,33 +328,46 @@ def _per_bh(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return t, t.stride(1)
 
 
+def launch_defaults(key_bits: int, rows: int) -> dict:
+    """Tile and launch settings for ``rows`` (batch x KV head) rows, measured best on an H100
+    at 32k-128k tokens, batch 1 and 8 (benchmarks/RESULTS.md). All: 3 pipeline stages, splits
+    of at least 256 tokens (shorter ones cost more to combine than they gain), 16 waves of
+    splits for many rows (a grid just over one wave of resident programs leaves a slow tail).
+    2-bit codes: 64-token tiles, one warp, the residual loop unpipelined (its staged fp16 tiles
+    would take shared memory, so fewer programs per SM), 8 waves for a few rows. Wider codes,
+    a few rows: 64-token tiles, two warps, a pipelined residual, 6 waves; many rows: 32-token
+    tiles, one warp held to 128 registers (more programs per SM)."""
+    few = rows < 32
+    if key_bits == 2:
+        return dict(block_n=64, num_warps=1, res_stages=1, waves=8 if few else 16, maxnreg=None)
+    if few:
+        return dict(block_n=64, num_warps=2, res_stages=2, waves=6, maxnreg=None)
+    return dict(block_n=32, num_warps=1, res_stages=1, waves=16, maxnreg=128)
+
+
 def quant_decode_triton(
     q: torch.Tensor, cache: QuantKV, *, scale: float, split_len: int | None = None,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
     fast_unpack: bool | None = None, waves: int | None = None, res_stages: int | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """q [B, Hq, D] -> [B, Hq, D]: the split kernel, then the LSE combine."""
+    """q [B, Hq, D] -> [B, Hq, D]: the split kernel, then the LSE combine. Settings left out
+    come from ``launch_defaults``."""
     bsz, hq, d = q.shape
     hkv = cache.key_codes.shape[1]
     if fast_unpack is None:  # PTX unpacking on the GPU; plain shifts in the interpreter
         fast_unpack = os.environ.get("TRITON_INTERPRET") != "1"
     group = hq // hkv
     gp = group_pad(group)
-    # defaults measured on an H100 at 32k-128k, batch 1 and 8 (benchmarks/RESULTS.md): 64-token
-    # tiles in 3 stages; 2-bit codes one warp per program and an unpipelined residual loop (its
-    # staged fp16 tiles would cost shared memory, so fewer programs per SM) with 8 waves of
-    # splits for a few (batch x KV head) rows; wider codes two warps, a pipelined residual and
-    # 6 waves for a few rows; 16 waves for many rows (a grid just over one wave of resident
-    # programs leaves a slow tail); splits of at least 256 tokens (shorter ones cost more to
-    # combine than they gain)
-    two_bit = cache.key_bits == 2
+    default = launch_defaults(cache.key_bits, bsz * hkv)
     if block_n is None:
-        block_n = min(64, cache.group) if cache.key_per_channel else 64
-    num_warps = num_warps or (1 if two_bit else 2)
+        block_n = default["block_n"]
+        block_n = min(block_n, cache.group) if cache.key_per_channel else block_n
+    num_warps = num_warps or default["num_warps"]
     num_stages = num_stages or 3
-    res_stages = res_stages or (1 if two_bit else 2)
-    few = bsz * hkv < 32
-    waves = waves or (16 if not few else 8 if two_bit else 6)
+    res_stages = res_stages or default["res_stages"]
+    waves = waves or default["waves"]
+    maxnreg = maxnreg or default["maxnreg"]
     if cache.key_per_channel and cache.group % block_n:
         raise ValueError(f"block_n {block_n} must divide the quantisation group {cache.group}")
     if split_len is None:
@@ -381,6 +394,7 @@ def quant_decode_triton(
         GROUP=group, GP=gp, D=d, BLOCK_N=block_n, KBITS=cache.key_bits, VBITS=cache.value_bits,
         QGROUP=cache.group, PER_CHANNEL=cache.key_per_channel, FAST=fast_unpack,
         RES_STAGES=res_stages, num_warps=num_warps, num_stages=num_stages,
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )  # fmt: skip
     return combine_splits(o_part, l_part, bsz, hq, group, n_splits, d, q.dtype)
 
