@@ -8,10 +8,13 @@ holds all query heads of the group.
 
 How the packed codes are read: each field of the 16-bit words is a contiguous block of
 W = D*b/16 channels, so the kernel loads codes as 16-bit words (the shared-memory-to-register
-path of 16-bit operands), and per field p turns them into float16 codes with one ``lop3`` that
-ORs the field into the mantissa of 1024.0 and one f16x2 fused multiply-add that scales by
-2^-position and subtracts the 1024 (exact); fields past the mantissa's 10 bits are read from
-the words' high bytes, which one byte permute per two words provides. The products are
+path of 16-bit operands), and per field p turns them into float16 values with one ``and``:
+the field masked in place, exponent bits zero, is a float16 subnormal worth code * 2^(pos - 24),
+exactly, and the tensor cores multiply subnormals exactly (checked on the H100: the same
+outputs as an exact unpacking to integer codes, tests/gpu); the 2^-pos folds into the query
+block (keys) or the block's output (values), the 2^24 into one multiply of each product.
+Fields past the mantissa's 10 bits are read from the words' high bytes, which one byte
+permute per two words provides. The products are
 transposed, tokens as rows: scores S^T [BLOCK_N, GP] = codes_p @ (q_p)^T and the output
 O^T [D, GP] per channel block = codes_p^T @ P^T, so the 4-head query group pads the tensor-core
 tile's 8-wide N side rather than its 16-row M side (half the padded products, half the
@@ -97,23 +100,16 @@ class QuantKV:
 
 
 def _field_asm(bits: int, pos: int) -> str:
-    """PTX: two 16-bit words -> two float16 codes of the ``bits``-wide field at bit ``pos``,
-    exactly (the field must lie in the float16 mantissa: pos + bits <= 10).
+    """PTX: two 16-bit words -> two float16 values code * 2^(pos - 24) of the ``bits``-wide
+    field at bit ``pos`` (which must lie in the float16 mantissa: pos + bits <= 10).
 
-    ``lop3`` computes (w & mask) | 0x6400 per 16-bit lane: the float16 1024 + 2^pos * code
-    (exact: below 2048); the fma multiplies by 2^-pos and adds -1024 * 2^-pos in one rounding
-    of an exact integer result."""
+    One ``and`` per two words: the field masked in place, with the exponent bits zero, is a
+    float16 subnormal whose value is its mantissa times 2^-24, exactly. The caller multiplies
+    by ``field_scale`` (a power of two) to get codes."""
     if pos + bits > 10:
         raise ValueError(f"a {bits}-bit field at bit {pos} is not inside the float16 mantissa")
     mask = (((1 << bits) - 1) << pos) * 0x10001
-    # float16 bit patterns, both halves: 2^-pos and -1024 * 2^-pos = -2^(10 - pos)
-    mul = ((15 - pos) << 10) * 0x10001
-    add = (0x8000 | ((25 - pos) << 10)) * 0x10001
-    return (
-        "{ .reg .b32 t, m, c; "
-        f"lop3.b32 t, $1, {mask:#010x}, 0x64006400, 0xea; "
-        f"mov.b32 m, {mul:#010x}; mov.b32 c, {add:#010x}; fma.rn.f16x2 $0, t, m, c; }}"
-    )
+    return f"and.b32 $0, $1, {mask:#010x};"
 
 
 # PTX: two 16-bit words -> their high bytes (w >> 8) in one byte permute: output bytes 0 and 2
@@ -133,22 +129,38 @@ def field_position(bits: int, p: int) -> int:
     return pos - 8 if pos + bits > 10 else pos  # (field_from_high_bytes, restated for Triton)
 
 
+def field_scale(bits: int, p: int) -> float:
+    """What field p's unpacked values (code * 2^(position - 24)) are multiplied by to give the
+    codes, split as 2^24 (``SUBNORMAL_UNIT``, applied once to a product) and 2^-position:
+    2^-position, the part folded into the query block (keys) or applied to the block's output
+    at the end (values)."""
+    pos = p * bits
+    pos = pos - 8 if pos + bits > 10 else pos  # (field_position, restated for Triton)
+    return 2.0**-pos
+
+
+SUBNORMAL_UNIT = 2.0**24  # 1 / the value of a float16 subnormal's lowest mantissa bit
+
+
 if triton is not None:
     _field_asm_constexpr = triton.constexpr_function(_field_asm)
     _from_high_constexpr = triton.constexpr_function(field_from_high_bytes)
     _position_constexpr = triton.constexpr_function(field_position)
+    _scale_constexpr = triton.constexpr_function(field_scale)
     _HIGH_BYTES = tl.constexpr(HIGH_BYTES_ASM)
+    _UNIT = tl.constexpr(SUBNORMAL_UNIT)
 
     @triton.jit
     def _unpack_at(words, POS: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
-        """The BITS-wide field at bit POS of int16 words as float16 codes 0 .. 2^BITS - 1."""
-        if FAST:  # two words per instruction group, no integer-to-float conversions
+        """The BITS-wide field at bit POS of int16 words as float16 code * 2^(POS - 24)."""
+        if FAST:  # one instruction per two words, no integer-to-float conversions
             codes = tl.inline_asm_elementwise(
                 _field_asm_constexpr(BITS, POS), "=r,r", [words], dtype=tl.float16,
                 is_pure=True, pack=2,
             )  # fmt: skip
-        else:
-            codes = ((words.to(tl.int32) >> POS) & ((1 << BITS) - 1)).to(tl.float16)
+        else:  # the same values by arithmetic (Triton's interpreter runs no PTX)
+            codes = (words.to(tl.int32) & (((1 << BITS) - 1) << POS)).to(tl.float32) / _UNIT
+            codes = codes.to(tl.float16)
         return codes
 
     @triton.jit
@@ -164,7 +176,7 @@ if triton is not None:
 
     @triton.jit
     def _field(words, high, P: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
-        """Field P of int16 words (``high``: their high bytes) as float16 codes."""
+        """Field P of int16 words (``high``: their high bytes) as float16 code * 2^(pos - 24)."""
         if _from_high_constexpr(BITS, P):
             codes = _unpack_at(high, _position_constexpr(BITS, P), BITS, FAST)
         else:
@@ -177,8 +189,8 @@ if triton is not None:
         P: tl.constexpr, W: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         PER_CHANNEL: tl.constexpr, FAST: tl.constexpr,
     ):  # fmt: skip
-        """Add the transposed scores [BLOCK_N, GP] of channel block P (and, per channel, its
-        zero-point term)."""
+        """Add the transposed scores [BLOCK_N, GP] of channel block P, in units of 2^-24 (and,
+        per channel, its zero-point term)."""
         ch = P * W + offs_w
         q_t = tl.load(q_ptr + offs_g[None, :] * D + ch[:, None], mask=row_ok[None, :], other=0.0)
         q_t = q_t.to(tl.float32)  # [W, GP]
@@ -186,10 +198,11 @@ if triton is not None:
         if PER_CHANNEL:
             sc = tl.load(srow + ch).to(tl.float32)
             zc = tl.load(zrow + ch).to(tl.float32)
-            s = tl.dot(codes, (q_t * sc[:, None]).to(tl.float16), s)
+            q_s = q_t * (sc * _scale_constexpr(BITS, P))[:, None]
+            s = tl.dot(codes, q_s.to(tl.float16), s)
             z += q_t * zc[:, None]
         else:
-            s = tl.dot(codes, q_t.to(tl.float16), s)
+            s = tl.dot(codes, (q_t * _scale_constexpr(BITS, P)).to(tl.float16), s)
             z += q_t  # times each token's zero, applied by the caller
         return s, z
 
@@ -197,7 +210,8 @@ if triton is not None:
     def _value_part(
         acc, alpha, pv, vw, vw_high, P: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr
     ):
-        """acc [W, GP] (channel block P of the transposed output) * alpha + codes_P^T @ pv."""
+        """acc [W, GP] (channel block P of the transposed output, in units of 2^-24 times field
+        P's position scale) * alpha + codes_P^T @ pv."""
         return tl.dot(_field(vw, vw_high, P, BITS, FAST), pv, acc * alpha[None, :])
 
     @triton.jit
@@ -257,6 +271,7 @@ if triton is not None:
                     KBITS, PER_CHANNEL, FAST,
                 )  # fmt: skip
             z = tl.sum(z, 0)  # one reduction over channels per tile, not one per block
+            s = s * _UNIT
             if PER_CHANNEL:
                 s = s + z[None, :]
             else:
@@ -289,8 +304,20 @@ if triton is not None:
                 a5 = _value_part(a5, alpha, pv, vw, vw_high, 5, VBITS, FAST)
                 a6 = _value_part(a6, alpha, pv, vw, vw_high, 6, VBITS, FAST)
                 a7 = _value_part(a7, alpha, pv, vw, vw_high, 7, VBITS, FAST)
-        # channel blocks [VW, GP] back into [GP, D] in channel order; tl.join stacks on a new
-        # last axis, so after the joins axis 2 is bit 0 of the block index p, axis 3 bit 1 ...
+        # blocks to output units (exact powers of two), then [VW, GP] back into [GP, D] in
+        # channel order:
+        a0 *= _UNIT * _scale_constexpr(VBITS, 0)
+        a1 *= _UNIT * _scale_constexpr(VBITS, 1)
+        if VP >= 4:
+            a2 *= _UNIT * _scale_constexpr(VBITS, 2)
+            a3 *= _UNIT * _scale_constexpr(VBITS, 3)
+        if VP >= 8:
+            a4 *= _UNIT * _scale_constexpr(VBITS, 4)
+            a5 *= _UNIT * _scale_constexpr(VBITS, 5)
+            a6 *= _UNIT * _scale_constexpr(VBITS, 6)
+            a7 *= _UNIT * _scale_constexpr(VBITS, 7)
+        # tl.join stacks on a new last axis, so after the joins axis 2 is bit 0 of the block
+        # index p, axis 3 bit 1 ...
         if VP == 2:
             acc = tl.reshape(tl.permute(tl.join(a0, a1), (1, 2, 0)), [GP, D])
         elif VP == 4:

@@ -12,11 +12,13 @@ import torch
 
 from kernels.quant_decode import (
     HIGH_BYTES_ASM,
+    SUBNORMAL_UNIT,
     QuantKV,
     _field_asm,
     dequantize_cache,
     field_from_high_bytes,
     field_position,
+    field_scale,
     quant_decode,
 )
 from kernels.quantize import quantize_groups
@@ -77,33 +79,27 @@ def test_the_high_bytes_permute_shifts_each_16_bit_word_down_by_8():
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_the_ptx_unpacking_constants_give_every_code_exactly(bits):
-    """The GPU turns field p of a 16-bit word into float16 by src & mask | 0x6400 (1024 +
-    2^pos * code), src being the word or, for fields past the float16 mantissa, its high byte;
-    then one fma with the two float16 constants written into the PTX. Emulated here for every
-    code of every field, with the fma's single rounding."""
+def test_the_ptx_unpacking_gives_every_code_exactly(bits):
+    """The GPU turns field p of a 16-bit word into a float16 by one AND of the word (or, for
+    fields past the float16 mantissa, of its high byte) with the mask in the PTX: a subnormal
+    worth code * 2^(position - 24); times 2^24 * field_scale it is the code. Emulated here for
+    every code of every field, reading the 16 bits as IEEE float16."""
     for p in range(16 // bits):
         high = field_from_high_bytes(bits, p)
         assert high == (p * bits + bits > 10)  # the permute serves exactly these fields
         asm = _field_asm(bits, field_position(bits, p))
-        mask, lut = re.search(
-            r"lop3\.b32 t, \$1, (0x[0-9a-f]+), 0x64006400, (0x[0-9a-f]+);", asm
-        ).groups()
-        assert lut == "0xea"  # (a & b) | c
-        low = int(mask, 16) & 0xFFFF
+        (mask,) = re.fullmatch(r"and\.b32 \$0, \$1, (0x[0-9a-f]+);", asm).groups()
+        mask = int(mask, 16)
+        assert mask >> 16 == mask & 0xFFFF  # both halves alike
+        low = mask & 0xFFFF
         pos = (low & -low).bit_length() - 1
-        assert low == (2**bits - 1) << pos and pos + bits <= 10  # inside the float16 mantissa
+        assert low == (2**bits - 1) << pos and pos + bits <= 10  # mantissa bits only: subnormal
         assert pos + (8 if high else 0) == p * bits  # the mask sits on field p
-        m, c = (int(x, 16) for x in re.findall(r"mov\.b32 [mc], (0x[0-9a-f]+);", asm))
-        as_f16 = lambda bits16: float(np.array([bits16], np.uint16).view(np.float16)[0])  # noqa: E731
-        mul, add = as_f16(m & 0xFFFF), as_f16(c & 0xFFFF)
-        assert m >> 16 == m & 0xFFFF and c >> 16 == c & 0xFFFF  # both halves alike
         for code in range(2**bits):
             word = code << (p * bits) | (0xFFFF ^ ((2**bits - 1) << (p * bits)))  # other bits set
             src = _high_bytes(word | word << 16) & 0xFFFF if high else word
-            t = (src & int(mask, 16) & 0xFFFF) | 0x6400
-            exact = as_f16(t) * mul + add  # exact in float64; float16 rounds it once
-            assert float(np.float16(exact)) == code, (bits, p, code)
+            value = float(np.array([src & low], np.uint16).view(np.float16)[0])
+            assert value * SUBNORMAL_UNIT * field_scale(bits, p) == code, (bits, p, code)
 
 
 def test_a_field_outside_the_mantissa_is_refused():
