@@ -355,38 +355,46 @@ def _per_bh(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return t, t.stride(1)
 
 
-def launch_defaults(key_bits: int, rows: int) -> dict:
-    """Tile and launch settings for ``rows`` (batch x KV head) rows, measured best on an H100
-    at 32k-128k tokens, batch 1 and 8 (benchmarks/RESULTS.md). All: 3 pipeline stages, splits
-    of at least 256 tokens (shorter ones cost more to combine than they gain), 16 waves of
-    splits for many rows (a grid just over one wave of resident programs leaves a slow tail).
+def launch_defaults(key_bits: int, rows: int, tokens: int) -> dict:
+    """Tile and launch settings for ``rows`` (batch x KV head) rows of ``tokens`` quantised
+    tokens, measured best on an H100 at 8k-128k tokens, batch 1, 4 and 8
+    (benchmarks/RESULTS.md). All: 3 pipeline stages, splits of at least 256 tokens (shorter
+    ones cost more to combine than they gain).
     2-bit codes: 64-token tiles, one warp, the residual loop unpipelined (its staged fp16 tiles
-    would take shared memory, so fewer programs per SM), 8 waves for a few rows. Wider codes,
-    a few rows: 64-token tiles, two warps, a pipelined residual, 6 waves; many rows: 32-token
-    tiles, one warp held to 128 registers (more programs per SM)."""
+    would take shared memory, so fewer programs per SM). A few rows: 8 waves of splits, the
+    residual read by the last split. Many rows: registers held to 168 (more programs per SM),
+    the residual in a split of its own, 12 waves up to 2^21 row-tokens and 20 beyond (each
+    up to 1.4x faster than the other in its range).
+    Wider codes, a few rows: 64-token tiles, two warps, a pipelined residual, 6 waves; many
+    rows: 32-token tiles, one warp held to 128 registers, 16 waves."""
+    settings = dict(block_n=64, num_warps=1, res_stages=1, maxnreg=None, residual_split=False)
     few = rows < 32
+    if key_bits == 2 and few:
+        return settings | dict(waves=8)
     if key_bits == 2:
-        return dict(block_n=64, num_warps=1, res_stages=1, waves=8 if few else 16, maxnreg=None)
+        waves = 12 if rows * tokens <= 1 << 21 else 20
+        return settings | dict(waves=waves, maxnreg=168, residual_split=True)
     if few:
-        return dict(block_n=64, num_warps=2, res_stages=2, waves=6, maxnreg=None)
-    return dict(block_n=32, num_warps=1, res_stages=1, waves=16, maxnreg=128)
+        return settings | dict(num_warps=2, res_stages=2, waves=6)
+    return settings | dict(block_n=32, waves=16, maxnreg=128)
 
 
 def quant_decode_triton(
     q: torch.Tensor, cache: QuantKV, *, scale: float, split_len: int | None = None,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
     fast_unpack: bool | None = None, waves: int | None = None, res_stages: int | None = None,
-    maxnreg: int | None = None,
+    maxnreg: int | None = None, residual_split: bool | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """q [B, Hq, D] -> [B, Hq, D]: the split kernel, then the LSE combine. Settings left out
-    come from ``launch_defaults``."""
+    come from ``launch_defaults``; ``residual_split``: the full-precision residual is read by a
+    split of its own rather than by the last split of codes."""
     bsz, hq, d = q.shape
     hkv = cache.key_codes.shape[1]
     if fast_unpack is None:  # PTX unpacking on the GPU; plain shifts in the interpreter
         fast_unpack = os.environ.get("TRITON_INTERPRET") != "1"
     group = hq // hkv
     gp = group_pad(group)
-    default = launch_defaults(cache.key_bits, bsz * hkv)
+    default = launch_defaults(cache.key_bits, bsz * hkv, cache.n_quant)
     if block_n is None:
         block_n = default["block_n"]
         block_n = min(block_n, cache.group) if cache.key_per_channel else block_n
@@ -395,13 +403,16 @@ def quant_decode_triton(
     res_stages = res_stages or default["res_stages"]
     waves = waves or default["waves"]
     maxnreg = maxnreg or default["maxnreg"]
+    residual_split = default["residual_split"] if residual_split is None else residual_split
     if cache.key_per_channel and cache.group % block_n:
         raise ValueError(f"block_n {block_n} must divide the quantisation group {cache.group}")
     if split_len is None:
         split_len = plan_splits(
             max(cache.n_quant, 1), bsz * hkv, block_n, q.device, waves, min_split=256
         )
-    n_splits = max(1, math.ceil(cache.n_quant / split_len))
+    # the residual's own split starts past the codes, so its loop over codes is empty
+    n_splits = math.ceil(cache.n_quant / split_len) + int(residual_split and cache.n_residual > 0)
+    n_splits = max(1, n_splits)
     q = q.contiguous()
     kc, kc_bh = _per_bh(cache.key_codes.view(torch.int16))  # read as 16-bit words
     ks, ks_bh = _per_bh(cache.key_scale)

@@ -39,8 +39,12 @@ for bsz, hq, hkv, n, r, d, group, kb, vb, per_channel, split in CASES:
         **args,
     )
     q = torch.randn(bsz, hq, d)
-    got = quant_decode_triton(q, cache, scale=d**-0.5, split_len=split, block_n=16)
     want = quant_decode_reference(q, cache, scale=d**-0.5)
-    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3, msg=str((bsz, hq, n, r, d, kb)))
+    for residual_split in (False, True):  # the residual read by the last split / its own
+        got = quant_decode_triton(
+            q, cache, scale=d**-0.5, split_len=split, block_n=16, residual_split=residual_split
+        )
+        case = str((bsz, hq, n, r, d, kb, residual_split))
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3, msg=case)
 print(f"ok: {len(CASES)} cases")
 sys.exit(0)

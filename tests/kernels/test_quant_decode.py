@@ -19,6 +19,7 @@ from kernels.quant_decode import (
     field_from_high_bytes,
     field_position,
     field_scale,
+    launch_defaults,
     quant_decode,
 )
 from kernels.quantize import quantize_groups
@@ -105,3 +106,15 @@ def test_the_ptx_unpacking_gives_every_code_exactly(bits):
 def test_a_field_outside_the_mantissa_is_refused():
     with pytest.raises(ValueError, match="mantissa"):
         _field_asm(4, 8)
+
+
+def test_launch_defaults_give_every_setting_for_every_width_and_regime():
+    keys = {"block_n", "num_warps", "res_stages", "maxnreg", "residual_split", "waves"}
+    for bits in (2, 4, 8):
+        for rows in (1, 8, 32, 64):
+            for tokens in (256, 8192, 131072):
+                settings = launch_defaults(bits, rows, tokens)
+                assert set(settings) == keys
+                assert settings["block_n"] in (32, 64) and settings["num_warps"] in (1, 2)
+    # many 2-bit rows: one resident wave of splits for short caches, more for long ones
+    assert launch_defaults(2, 64, 131072)["waves"] > launch_defaults(2, 64, 8192)["waves"]
