@@ -13,6 +13,9 @@ the field masked in place, exponent bits zero, is a float16 subnormal worth code
 exactly, and the tensor cores multiply subnormals exactly (checked on the H100: the same
 outputs as an exact unpacking to integer codes, tests/gpu); the 2^-pos folds into the query
 block (keys) or the block's output (values), the 2^24 into one multiply of each product.
+(The query block q * key scale * 2^-pos is rounded to float16 with pos <= 8: entries below
+2^-6 become subnormal, an absolute error of at most 2^(pos - 25) each; measured no larger
+than the exact unpacking's error with keys scaled down to 0.01, benchmarks/RESULTS.md.)
 Fields past the mantissa's 10 bits are read from the words' high bytes, which one byte
 permute per two words provides. The products are
 transposed, tokens as rows: scores S^T [BLOCK_N, GP] = codes_p @ (q_p)^T and the output
