@@ -85,32 +85,36 @@ if triton is not None:
     @triton.jit
     def _combine_kernel(
         O_PART, L_PART, OUT, H_Q, N_SPLITS,
-        GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPLITS_PAD: tl.constexpr,
-        CHUNK: tl.constexpr,
+        GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)  # b * H_Q + query head
         b = row // H_Q
         hq = row % H_Q
         h_kv = H_Q // GROUP
         base = (b * h_kv + hq // GROUP) * N_SPLITS * GP + hq % GROUP
-        offs_s = tl.arange(0, SPLITS_PAD)
-        lse = tl.load(L_PART + base + offs_s * GP, mask=offs_s < N_SPLITS, other=float("-inf"))
-        m = tl.max(lse, 0)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        total = tl.sum(tl.exp2(lse - m_safe), 0)
-        total = tl.where(total > 0, total, 1.0)
         offs_d = tl.arange(0, D)
+        # one pass, rescaled as the maximum grows (an online softmax over splits): a chunk's
+        # LSEs and partial outputs load together, one memory round trip per CHUNK splits
+        m = tl.full([1], float("-inf"), tl.float32)
+        total = tl.zeros([1], tl.float32)
         out = tl.zeros([D], tl.float32)
         for s0 in range(0, N_SPLITS, CHUNK):
             offs_c = s0 + tl.arange(0, CHUNK)
             ok = offs_c < N_SPLITS
-            w = tl.exp2(tl.load(L_PART + base + offs_c * GP, mask=ok, other=float("-inf")) - m_safe)
+            lse = tl.load(L_PART + base + offs_c * GP, mask=ok, other=float("-inf"))
             o = tl.load(
                 O_PART + (base + offs_c * GP)[:, None] * D + offs_d[None, :],
                 mask=ok[:, None],
                 other=0.0,
             )
-            out += tl.sum(w[:, None] * o, 0)
+            m_new = tl.maximum(m, tl.max(lse, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_safe)
+            w = tl.exp2(lse - m_safe)
+            total = total * alpha + tl.sum(w, 0)
+            out = out * alpha + tl.sum(w[:, None] * o, 0)
+            m = m_new
+        total = tl.where(total > 0, total, 1.0)
         tl.store(OUT + row * D + offs_d, (out / total).to(OUT.dtype.element_ty))
 
 
@@ -121,13 +125,12 @@ def combine_splits(
     """[B, Hq, D] in ``dtype``: the splits' partial outputs weighted by their LSE."""
     out = torch.empty(bsz, hq, d, device=o_part.device, dtype=dtype)
     # up to 64 splits' partial rows per load: a row of ~130 splits (8 waves at batch 1) then
-    # takes 3 dependent loads instead of 9 (the combine was 8.4 of 31.6 us per KIVI-2 decode
-    # step at 32k in a profile, benchmarks/RESULTS.md)
+    # takes 3 round trips to memory instead of 9 (the combine was 8.4 of 31.6 us per KIVI-2
+    # decode step at 32k in a profile, benchmarks/RESULTS.md)
     chunk = min(64, max(16, triton.next_power_of_2(n_splits)))
     _combine_kernel[(bsz * hq,)](
         o_part, l_part, out, hq, n_splits,
-        GROUP=group, GP=group_pad(group), D=d,
-        SPLITS_PAD=max(16, triton.next_power_of_2(n_splits)), CHUNK=chunk,
+        GROUP=group, GP=group_pad(group), D=d, CHUNK=chunk,
     )  # fmt: skip
     return out
 
