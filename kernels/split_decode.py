@@ -85,19 +85,21 @@ if triton is not None:
     @triton.jit
     def _combine_kernel(
         O_PART, L_PART, OUT, H_Q, N_SPLITS,
-        GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+        GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        CHUNK: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)  # b * H_Q + query head
+        d0 = tl.program_id(1) * BLOCK_D  # this program's channels
         b = row // H_Q
         hq = row % H_Q
         h_kv = H_Q // GROUP
         base = (b * h_kv + hq // GROUP) * N_SPLITS * GP + hq % GROUP
-        offs_d = tl.arange(0, D)
+        offs_d = d0 + tl.arange(0, BLOCK_D)
         # one pass, rescaled as the maximum grows (an online softmax over splits): a chunk's
         # LSEs and partial outputs load together, one memory round trip per CHUNK splits
         m = tl.full([1], float("-inf"), tl.float32)
         total = tl.zeros([1], tl.float32)
-        out = tl.zeros([D], tl.float32)
+        out = tl.zeros([BLOCK_D], tl.float32)
         for s0 in range(0, N_SPLITS, CHUNK):
             offs_c = s0 + tl.arange(0, CHUNK)
             ok = offs_c < N_SPLITS
@@ -124,13 +126,15 @@ def combine_splits(
 ) -> torch.Tensor:  # fmt: skip
     """[B, Hq, D] in ``dtype``: the splits' partial outputs weighted by their LSE."""
     out = torch.empty(bsz, hq, d, device=o_part.device, dtype=dtype)
-    # up to 64 splits' partial rows per load: a row of ~130 splits (8 waves at batch 1) then
-    # takes 3 round trips to memory instead of 9 (the combine was 8.4 of 31.6 us per KIVI-2
-    # decode step at 32k in a profile, benchmarks/RESULTS.md)
-    chunk = min(64, max(16, triton.next_power_of_2(n_splits)))
-    _combine_kernel[(bsz * hq,)](
+    # programs per (row, block of 32 channels), up to 256 splits per load: a batch-1 row of
+    # ~130 splits (8 waves) is one round trip to memory, and 4x the programs share the reads
+    # (the combine was 8.4 of 31.6 us per KIVI-2 decode step at 32k in a profile,
+    # benchmarks/RESULTS.md)
+    block_d = min(d, 32)
+    chunk = min(256, max(16, triton.next_power_of_2(n_splits)))
+    _combine_kernel[(bsz * hq, triton.cdiv(d, block_d))](
         o_part, l_part, out, hq, n_splits,
-        GROUP=group, GP=group_pad(group), D=d, CHUNK=chunk,
+        GROUP=group, GP=group_pad(group), D=d, BLOCK_D=block_d, CHUNK=chunk,
     )  # fmt: skip
     return out
 

@@ -14,10 +14,10 @@ import torch  # noqa: E402
 
 from kernels.split_decode import combine_splits, group_pad  # noqa: E402
 
-CASES = [(1, 4, 2, 3), (2, 8, 2, 64), (1, 4, 1, 150), (1, 6, 2, 200)]  # B, Hq, Hkv, splits
-for bsz, hq, hkv, n_splits in CASES:
+CASES = [(1, 4, 2, 3, 32), (2, 8, 2, 64, 128), (1, 4, 1, 150, 128), (1, 6, 2, 300, 64)]
+for bsz, hq, hkv, n_splits, d in CASES:  # d > 32: several programs per row, one per 32 channels
     torch.manual_seed(n_splits)
-    group, d = hq // hkv, 32
+    group = hq // hkv
     gp = group_pad(group)
     o_part = torch.randn(bsz * hkv * n_splits * gp, d)
     # LSEs that grow along the splits, so a later chunk holds the maximum
