@@ -26,7 +26,8 @@ For per-channel keys the group's scale and zero fold into the query; the zero po
 sum(q * zero) to every score. Values fold their per-token scale into the probabilities:
 out_p += codes_p^T @ (p * value_scale), and sum(p * value_zero) is added to every channel. The
 blocks join into channel order once per program. The residual is the last segment of the same
-online softmax, read by the last split. Splits are combined by ``kernels.split_decode``.
+online softmax, read by the last split: by default a split of its own past the codes, so it
+runs beside them. Splits are combined by ``kernels.split_decode``.
 
 File order: kernel -> launcher -> reference -> dispatcher.
 """
@@ -332,7 +333,8 @@ if triton is not None:
             )
             acc = tl.reshape(tl.permute(acc, (1, 4, 3, 2, 0)), [GP, D])
         acc += az[:, None]
-        # the full-precision residual: the last segment, read by the last split
+        # the full-precision residual: the last segment, read by the last split (whose loop over
+        # codes is empty when the residual has a split of its own)
         res_end = tl.where(split == N_SPLITS - 1, N_RES, 0)
         q = tl.load(
             q_ptr + offs_g[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0
@@ -362,21 +364,20 @@ def launch_defaults(key_bits: int, rows: int, tokens: int) -> dict:
     """Tile and launch settings for ``rows`` (batch x KV head) rows of ``tokens`` quantised
     tokens, measured best on an H100 at 8k-128k tokens, batch 1, 4 and 8
     (benchmarks/RESULTS.md). All: 3 pipeline stages, splits of at least 256 tokens (shorter
-    ones cost more to combine than they gain).
+    ones cost more to combine than they gain), the full-precision residual read by a split of
+    its own (in parallel with the codes, not after the last split's).
     2-bit codes: 64-token tiles, one warp, the residual loop unpipelined (its staged fp16 tiles
-    would take shared memory, so fewer programs per SM). A few rows: 8 waves of splits, the
-    residual read by the last split. Many rows: registers held to 168 (more programs per SM),
-    the residual in a split of its own, 12 waves up to 2^21 row-tokens and 20 beyond (each
-    up to 1.4x faster than the other in its range).
+    would take shared memory, so fewer programs per SM). A few rows: 8 waves of splits. Many
+    rows: registers held to 168 (more programs per SM), 12 waves up to 2^21 row-tokens and 20
+    beyond (each up to 1.4x faster than the other in its range).
     Wider codes, a few rows: 64-token tiles, two warps, a pipelined residual, 6 waves; many
     rows: 32-token tiles, one warp held to 128 registers, 16 waves."""
-    settings = dict(block_n=64, num_warps=1, res_stages=1, maxnreg=None, residual_split=False)
+    settings = dict(block_n=64, num_warps=1, res_stages=1, maxnreg=None, residual_split=True)
     few = rows < 32
     if key_bits == 2 and few:
         return settings | dict(waves=8)
     if key_bits == 2:
-        waves = 12 if rows * tokens <= 1 << 21 else 20
-        return settings | dict(waves=waves, maxnreg=168, residual_split=True)
+        return settings | dict(waves=12 if rows * tokens <= 1 << 21 else 20, maxnreg=168)
     if few:
         return settings | dict(num_warps=2, res_stages=2, waves=6)
     return settings | dict(block_n=32, waves=16, maxnreg=128)
