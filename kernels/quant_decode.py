@@ -121,16 +121,17 @@ def _field_asm(bits: int, pos: int) -> str:
 HIGH_BYTES_ASM = "prmt.b32 $0, $1, 0, 0x4341;"
 
 
-def field_from_high_bytes(bits: int, p: int) -> bool:
-    """Whether field p reaches past the float16 mantissa (bit 10), so is unpacked from the
-    words' high bytes (one permute per two words serves all such fields)."""
-    return p * bits + bits > 10
-
-
 def field_position(bits: int, p: int) -> int:
-    """Bit position of field p in what it is unpacked from (the word or its high bytes)."""
+    """Bit position of field p in what it is unpacked from: the word, or for a field reaching
+    past the float16 mantissa (bit 10) the words' high bytes (one permute per two words serves
+    all such fields)."""
     pos = p * bits
-    return pos - 8 if pos + bits > 10 else pos  # (field_from_high_bytes, restated for Triton)
+    return pos - 8 if pos + bits > 10 else pos
+
+
+def field_from_high_bytes(bits: int, p: int) -> bool:
+    """Whether field p is unpacked from the words' high bytes (``field_position``)."""
+    return field_position(bits, p) != p * bits
 
 
 def field_scale(bits: int, p: int) -> float:
@@ -138,9 +139,7 @@ def field_scale(bits: int, p: int) -> float:
     codes, split as 2^24 (``SUBNORMAL_UNIT``, applied once to a product) and 2^-position:
     2^-position, the part folded into the query block (keys) or applied to the block's output
     at the end (values)."""
-    pos = p * bits
-    pos = pos - 8 if pos + bits > 10 else pos  # (field_position, restated for Triton)
-    return 2.0**-pos
+    return 2.0 ** -field_position(bits, p)
 
 
 SUBNORMAL_UNIT = 2.0**24  # 1 / the value of a float16 subnormal's lowest mantissa bit
@@ -148,9 +147,7 @@ SUBNORMAL_UNIT = 2.0**24  # 1 / the value of a float16 subnormal's lowest mantis
 
 if triton is not None:
     _field_asm_constexpr = triton.constexpr_function(_field_asm)
-    _from_high_constexpr = triton.constexpr_function(field_from_high_bytes)
     _position_constexpr = triton.constexpr_function(field_position)
-    _scale_constexpr = triton.constexpr_function(field_scale)
     _HIGH_BYTES = tl.constexpr(HIGH_BYTES_ASM)
     _UNIT = tl.constexpr(SUBNORMAL_UNIT)
 
@@ -181,11 +178,17 @@ if triton is not None:
     @triton.jit
     def _field(words, high, P: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
         """Field P of int16 words (``high``: their high bytes) as float16 code * 2^(pos - 24)."""
-        if _from_high_constexpr(BITS, P):
-            codes = _unpack_at(high, _position_constexpr(BITS, P), BITS, FAST)
+        POS: tl.constexpr = _position_constexpr(BITS, P)
+        if POS != P * BITS:  # field_from_high_bytes
+            codes = _unpack_at(high, POS, BITS, FAST)
         else:
-            codes = _unpack_at(words, _position_constexpr(BITS, P), BITS, FAST)
+            codes = _unpack_at(words, POS, BITS, FAST)
         return codes
+
+    @triton.jit
+    def _field_scale(BITS: tl.constexpr, P: tl.constexpr):
+        """``field_scale`` as a compile-time constant."""
+        return 2.0 ** -_position_constexpr(BITS, P)
 
     @triton.jit
     def _scores_part(
@@ -202,11 +205,11 @@ if triton is not None:
         if PER_CHANNEL:
             sc = tl.load(srow + ch).to(tl.float32)
             zc = tl.load(zrow + ch).to(tl.float32)
-            q_s = q_t * (sc * _scale_constexpr(BITS, P))[:, None]
+            q_s = q_t * (sc * _field_scale(BITS, P))[:, None]
             s = tl.dot(codes, q_s.to(tl.float16), s)
             z += q_t * zc[:, None]
         else:
-            s = tl.dot(codes, (q_t * _scale_constexpr(BITS, P)).to(tl.float16), s)
+            s = tl.dot(codes, (q_t * _field_scale(BITS, P)).to(tl.float16), s)
             z += q_t  # times each token's zero, applied by the caller
         return s, z
 
@@ -310,16 +313,16 @@ if triton is not None:
                 a7 = _value_part(a7, alpha, pv, vw, vw_high, 7, VBITS, FAST)
         # blocks to output units (exact powers of two), then [VW, GP] back into [GP, D] in
         # channel order:
-        a0 *= _UNIT * _scale_constexpr(VBITS, 0)
-        a1 *= _UNIT * _scale_constexpr(VBITS, 1)
+        a0 *= _UNIT * _field_scale(VBITS, 0)
+        a1 *= _UNIT * _field_scale(VBITS, 1)
         if VP >= 4:
-            a2 *= _UNIT * _scale_constexpr(VBITS, 2)
-            a3 *= _UNIT * _scale_constexpr(VBITS, 3)
+            a2 *= _UNIT * _field_scale(VBITS, 2)
+            a3 *= _UNIT * _field_scale(VBITS, 3)
         if VP >= 8:
-            a4 *= _UNIT * _scale_constexpr(VBITS, 4)
-            a5 *= _UNIT * _scale_constexpr(VBITS, 5)
-            a6 *= _UNIT * _scale_constexpr(VBITS, 6)
-            a7 *= _UNIT * _scale_constexpr(VBITS, 7)
+            a4 *= _UNIT * _field_scale(VBITS, 4)
+            a5 *= _UNIT * _field_scale(VBITS, 5)
+            a6 *= _UNIT * _field_scale(VBITS, 6)
+            a7 *= _UNIT * _field_scale(VBITS, 7)
         # tl.join stacks on a new last axis, so after the joins axis 2 is bit 0 of the block
         # index p, axis 3 bit 1 ...
         if VP == 2:

@@ -8,8 +8,8 @@ head, in the layout ``kernels.quant_decode`` reads:
   scale and zero [H, N] float16 (per token).
 Word layout: a token's codes are W = D*b/16 little-endian 16-bit words; field p of word e
 (bits p*b .. p*b+b-1) holds the code of channel e + p*W. So each field of the words is a
-contiguous block of W channels, which the decode kernel multiplies as one operand after a
-shift and a mask, reading the codes as 16-bit words.
+contiguous block of W channels, which the decode kernel multiplies as one operand after
+masking it out of the 16-bit words (``kernels.quant_decode``).
 The arithmetic is ``methods.quant.quantize`` (asymmetric round-to-nearest-even, fp16 scale
 and minimum), so the kernel and the reference produce the same codes.
 
