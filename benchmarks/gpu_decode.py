@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
-from kernels.quant_decode import QuantKV, quant_decode_triton
+from kernels.quant_decode import QuantKV, launch_defaults, quant_decode_triton
 from kernels.quantize import quantize_groups_triton
 from kernels.sparse_decode import sparse_decode_triton
 
@@ -59,7 +59,9 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--residual", type=int, default=128)
-    parser.add_argument("--sweep", action="store_true", help="block/warp/stage sweep at 128k")
+    parser.add_argument(
+        "--sweep", action="store_true", help="launch settings around the defaults, at 128k"
+    )
     args = parser.parse_args()
     bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -98,23 +100,47 @@ def main() -> None:
         sweep(scale, args.group, args.residual)
 
 
+def quant_variants(bits: int, rows: int, tokens: int) -> list[dict]:
+    """Launch settings around ``launch_defaults`` (which comes first): each setting changed
+    alone, and the other regime's settings."""
+    base = launch_defaults(bits, rows, tokens)
+    other = launch_defaults(bits, 64 if rows < 32 else 8, tokens)
+    changes = [
+        {"overlap": not base["overlap"]},
+        {"residual_split": not base["residual_split"]},
+        {"waves": base["waves"] // 2},
+        {"waves": base["waves"] * 3 // 2},
+        {"maxnreg": 0 if base["maxnreg"] else 168},  # 0: no register cap
+        {"block_n": 96 - base["block_n"]},  # 32 <-> 64
+        {"num_warps": 3 - base["num_warps"], "res_stages": 3 - base["num_warps"]},  # 1 <-> 2
+        {"num_stages": 2},
+        {"num_stages": 4},
+        other,
+    ]
+    return [base] + [base | c for c in changes]
+
+
 def sweep(scale: float, group: int, residual: int) -> None:
     t = 131072
+    for b in (1, 8):
+        g = torch.Generator(device="cuda").manual_seed(b)
+        q = torch.randn(b, HQ, D, device="cuda", dtype=torch.float16, generator=g)
+        k = torch.randn(b, HKV, t, D, device="cuda", dtype=torch.float16, generator=g)
+        v = torch.randn(b, HKV, t, D, device="cuda", dtype=torch.float16, generator=g)
+        for bits in (4, 2):
+            c = quant_cache(k, v, bits, group, residual)
+            print(f"\nint{bits} at 128k, batch {b}: launch settings around the defaults (us)")
+            for i, settings in enumerate(quant_variants(bits, b * HKV, c.n_quant)):
+                fn = partial(quant_decode_triton, q, c, scale=scale, **settings)
+                _report(("default " if i == 0 else "") + str(settings), fn)
+            del c
+        del k, v
+        torch.cuda.empty_cache()
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, HQ, D, device="cuda", dtype=torch.float16, generator=g)
     k = torch.randn(1, HKV, t, D, device="cuda", dtype=torch.float16, generator=g)
     v = torch.randn(1, HKV, t, D, device="cuda", dtype=torch.float16, generator=g)
-    print("\nsweep at 128k, batch 1 (us)")
-    configs = [(bn, w, s) for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
-    for bits in (4, 2):
-        c = quant_cache(k, v, bits, group, residual)
-        for fast in (True, False):
-            for block_n, warps, stages in configs:
-                fn = partial(
-                    quant_decode_triton, q, c, scale=scale, block_n=block_n, num_warps=warps,
-                    num_stages=stages, fast_unpack=fast,
-                )  # fmt: skip
-                _report(f"int{bits} ptx={fast} bn={block_n} w={warps} s={stages}", fn)
+    print("\nsparse 10% at 128k, batch 1 (us)")
     kept = t // 10
     kc, vc = k[:, :, :kept].contiguous(), v[:, :, :kept].contiguous()
     lengths = torch.full((1, HKV), kept, device="cuda", dtype=torch.int32)

@@ -18,8 +18,8 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     # the launcher's defaults (kernels/quant_decode.py), query group 4 (32 q / 8 kv), d 128
-    for bits, warps, res_stages in [(2, 1, 1), (4, 2, 2), (8, 2, 2)]:
-        kernel = compile_quant_decode_sm90(bits, warps, res_stages)
+    for bits, warps, res_stages, overlap in [(2, 1, 1, True), (4, 2, 2, False), (8, 2, 2, False)]:
+        kernel = compile_quant_decode_sm90(bits, warps, res_stages, overlap=overlap)
         regs, ops = main_loop_mix(kernel)
         n = sum(ops.values())
         top = ", ".join(f"{op} {count}" for op, count in ops.most_common(8))

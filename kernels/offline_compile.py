@@ -46,10 +46,12 @@ def compile_sm90(
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_quant_decode_sm90(bits: int, num_warps: int, res_stages: int, block_n: int = 64):
+def compile_quant_decode_sm90(
+    bits: int, num_warps: int, res_stages: int, block_n: int = 64, overlap: bool = False
+):
     """``kernels.quant_decode``'s split kernel for sm_90 as its launcher runs it on a 32 q / 8 kv,
     d 128 model (query group 4, per-channel keys in groups of 128), ``bits`` for keys and
-    values, 3 stages."""
+    values, 3 stages; ``overlap``: the tile loop skewed by one tile."""
     from kernels.quant_decode import _quant_decode_split
 
     pointers = dict.fromkeys(["Q", "KS", "KZ", "VS", "VZ", "RK", "RV"], "fp16")
@@ -57,7 +59,7 @@ def compile_quant_decode_sm90(bits: int, num_warps: int, res_stages: int, block_
     strides = {"stride_qb", "stride_qh", "kc_bh", "ks_bh", "vc_bh", "vs_bh", "rk_bh", "rv_bh"}
     constexprs = dict(
         GROUP=4, GP=4, D=128, BLOCK_N=block_n, KBITS=bits, VBITS=bits, QGROUP=128,
-        PER_CHANNEL=True, FAST=True, RES_STAGES=res_stages,
+        PER_CHANNEL=True, FAST=True, RES_STAGES=res_stages, OVERLAP=overlap,
     )  # fmt: skip
     return compile_sm90(
         _quant_decode_split, pointers, {"scale_log2"}, constexprs, num_warps, 3,

@@ -27,7 +27,9 @@ sum(q * zero) to every score. Values fold their per-token scale into the probabi
 out_p += codes_p^T @ (p * value_scale), and sum(p * value_zero) is added to every channel. The
 blocks join into channel order once per program. The residual is the last segment of the same
 online softmax, read by the last split: by default a split of its own past the codes, so it
-runs beside them. Splits are combined by ``kernels.split_decode``.
+runs beside them. Splits are combined by ``kernels.split_decode``. Where registers allow (2-bit
+codes over a few rows), the loop is skewed by one tile: the next tile's scores are computed before
+this tile's softmax and value products, so the scheduler has two independent chains to interleave.
 
 File order: kernel -> launcher -> reference -> dispatcher.
 """
@@ -222,6 +224,71 @@ if triton is not None:
         return tl.dot(_field(vw, vw_high, P, BITS, FAST), pv, acc * alpha[None, :])
 
     @triton.jit
+    def _tile_scores(
+        q_ptr, offs_g, row_ok, offs_kw, kc_base, KS, KZ, pid_bh, ks_bh, n0, end, scale_log2,
+        GP: tl.constexpr, KW: tl.constexpr, KP: tl.constexpr, D: tl.constexpr,
+        BLOCK_N: tl.constexpr, KBITS: tl.constexpr, QGROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, FAST: tl.constexpr,
+    ):  # fmt: skip
+        """Scores [BLOCK_N, GP] of the tile at token n0 in base-2 logit units, -inf past ``end``."""
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        ok = offs_n < end
+        # key words [BLOCK_N, KW] as stored: tokens are the products' rows (operand A)
+        kw = tl.load(kc_base + offs_n[:, None] * KW + offs_kw[None, :], mask=ok[:, None], other=0)
+        kw_high = _high_bytes(kw, FAST)
+        srow = KS + pid_bh * ks_bh + (n0 // QGROUP) * D
+        zrow = KZ + pid_bh * ks_bh + (n0 // QGROUP) * D
+        s = tl.zeros([BLOCK_N, GP], tl.float32)
+        z = tl.zeros([KW, GP], tl.float32)  # zero-point terms, summed over blocks first
+        for p in tl.static_range(KP):
+            s, z = _scores_part(
+                s, z, q_ptr, offs_g, row_ok, kw, kw_high, srow, zrow, offs_kw, p, KW, D,
+                KBITS, PER_CHANNEL, FAST,
+            )  # fmt: skip
+        z = tl.sum(z, 0)  # one reduction over channels per tile, not one per block
+        s = s * _UNIT
+        if PER_CHANNEL:
+            s = s + z[None, :]
+        else:
+            ks = tl.load(KS + pid_bh * ks_bh + offs_n, mask=ok, other=0.0).to(tl.float32)
+            kz = tl.load(KZ + pid_bh * ks_bh + offs_n, mask=ok, other=0.0).to(tl.float32)
+            s = s * ks[:, None] + kz[:, None] * z[None, :]
+        return tl.where(ok[:, None], s * scale_log2, float("-inf"))
+
+    @triton.jit
+    def _tile_values(
+        s, n0, end, m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7,
+        VS, VZ, vc_base, pid_bh, vs_bh, offs_vw, VW: tl.constexpr, VP: tl.constexpr,
+        BLOCK_N: tl.constexpr, VBITS: tl.constexpr, FAST: tl.constexpr,
+    ):  # fmt: skip
+        """One online-softmax step over the tile at token n0 given its scores ``s``: the running
+        max, sum, value zero-point term and the eight (or fewer) block accumulators."""
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        ok = offs_n < end
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
+        vs = tl.load(VS + pid_bh * vs_bh + offs_n, mask=ok, other=0.0).to(tl.float32)
+        vz = tl.load(VZ + pid_bh * vs_bh + offs_n, mask=ok, other=0.0).to(tl.float32)
+        # value words loaded transposed [VW, BLOCK_N]: channels are the products' rows
+        vw = tl.load(vc_base + offs_n[None, :] * VW + offs_vw[:, None], mask=ok[None, :], other=0)
+        vw_high = _high_bytes(vw, FAST)
+        pv = (p * vs[:, None]).to(tl.float16)
+        az = az * alpha + tl.sum(p * vz[:, None], 0)
+        a0 = _value_part(a0, alpha, pv, vw, vw_high, 0, VBITS, FAST)
+        a1 = _value_part(a1, alpha, pv, vw, vw_high, 1, VBITS, FAST)
+        if VP >= 4:
+            a2 = _value_part(a2, alpha, pv, vw, vw_high, 2, VBITS, FAST)
+            a3 = _value_part(a3, alpha, pv, vw, vw_high, 3, VBITS, FAST)
+        if VP >= 8:
+            a4 = _value_part(a4, alpha, pv, vw, vw_high, 4, VBITS, FAST)
+            a5 = _value_part(a5, alpha, pv, vw, vw_high, 5, VBITS, FAST)
+            a6 = _value_part(a6, alpha, pv, vw, vw_high, 6, VBITS, FAST)
+            a7 = _value_part(a7, alpha, pv, vw, vw_high, 7, VBITS, FAST)
+        return m_new, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7
+
+    @triton.jit
     def _quant_decode_split(
         Q, KC, KS, KZ, VC, VS, VZ, RK, RV, O_PART, L_PART,
         stride_qb, stride_qh, kc_bh, ks_bh, vc_bh, vs_bh, rk_bh, rv_bh,
@@ -229,6 +296,7 @@ if triton is not None:
         GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         KBITS: tl.constexpr, VBITS: tl.constexpr, QGROUP: tl.constexpr,
         PER_CHANNEL: tl.constexpr, FAST: tl.constexpr, RES_STAGES: tl.constexpr,
+        OVERLAP: tl.constexpr,
     ):  # fmt: skip
         pid_bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -260,57 +328,42 @@ if triton is not None:
         end = tl.minimum(start + SPLIT_LEN, N_QUANT)
         kc_base = KC + pid_bh * kc_bh
         vc_base = VC + pid_bh * vc_bh
-        for n0 in tl.range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            ok = offs_n < end
-            # key words [BLOCK_N, KW] as stored: tokens are the products' rows (operand A)
-            kw = tl.load(
-                kc_base + offs_n[:, None] * KW + offs_kw[None, :], mask=ok[:, None], other=0
-            )
-            kw_high = _high_bytes(kw, FAST)
-            srow = KS + pid_bh * ks_bh + (n0 // QGROUP) * D
-            zrow = KZ + pid_bh * ks_bh + (n0 // QGROUP) * D
-            s = tl.zeros([BLOCK_N, GP], tl.float32)
-            z = tl.zeros([KW, GP], tl.float32)  # zero-point terms, summed over blocks first
-            for p in tl.static_range(KP):
-                s, z = _scores_part(
-                    s, z, q_ptr, offs_g, row_ok, kw, kw_high, srow, zrow, offs_kw, p, KW, D,
-                    KBITS, PER_CHANNEL, FAST,
+        if OVERLAP:
+            # the next tile's scores are computed before this tile's values: two independent
+            # chains of products and loads the scheduler interleaves (1-warp 2-bit programs
+            # are latency-bound, benchmarks/RESULTS.md)
+            s_cur = tl.full([BLOCK_N, GP], float("-inf"), tl.float32)
+            if start < end:  # (a split past the codes has no tile: its scale rows do not exist)
+                s_cur = _tile_scores(
+                    q_ptr, offs_g, row_ok, offs_kw, kc_base, KS, KZ, pid_bh, ks_bh, start, end,
+                    scale_log2, GP, KW, KP, D, BLOCK_N, KBITS, QGROUP, PER_CHANNEL, FAST,
                 )  # fmt: skip
-            z = tl.sum(z, 0)  # one reduction over channels per tile, not one per block
-            s = s * _UNIT
-            if PER_CHANNEL:
-                s = s + z[None, :]
-            else:
-                ks = tl.load(KS + pid_bh * ks_bh + offs_n, mask=ok, other=0.0).to(tl.float32)
-                kz = tl.load(KZ + pid_bh * ks_bh + offs_n, mask=ok, other=0.0).to(tl.float32)
-                s = s * ks[:, None] + kz[:, None] * z[None, :]
-            s = tl.where(ok[:, None], s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[None, :])
-            l_i = l_i * alpha + tl.sum(p, 0)
-            m_i = m_new
-            vs = tl.load(VS + pid_bh * vs_bh + offs_n, mask=ok, other=0.0).to(tl.float32)
-            vz = tl.load(VZ + pid_bh * vs_bh + offs_n, mask=ok, other=0.0).to(tl.float32)
-            # value words loaded transposed [VW, BLOCK_N]: channels are the products' rows
-            vw = tl.load(
-                vc_base + offs_n[None, :] * VW + offs_vw[:, None], mask=ok[None, :], other=0
-            )
-            vw_high = _high_bytes(vw, FAST)
-            pv = (p * vs[:, None]).to(tl.float16)  # [BLOCK_N, GP]
-            az = az * alpha + tl.sum(p * vz[:, None], 0)
-            a0 = _value_part(a0, alpha, pv, vw, vw_high, 0, VBITS, FAST)
-            a1 = _value_part(a1, alpha, pv, vw, vw_high, 1, VBITS, FAST)
-            if VP >= 4:
-                a2 = _value_part(a2, alpha, pv, vw, vw_high, 2, VBITS, FAST)
-                a3 = _value_part(a3, alpha, pv, vw, vw_high, 3, VBITS, FAST)
-            if VP >= 8:
-                a4 = _value_part(a4, alpha, pv, vw, vw_high, 4, VBITS, FAST)
-                a5 = _value_part(a5, alpha, pv, vw, vw_high, 5, VBITS, FAST)
-                a6 = _value_part(a6, alpha, pv, vw, vw_high, 6, VBITS, FAST)
-                a7 = _value_part(a7, alpha, pv, vw, vw_high, 7, VBITS, FAST)
+            for n0 in tl.range(start, end - BLOCK_N, BLOCK_N):
+                s_next = _tile_scores(
+                    q_ptr, offs_g, row_ok, offs_kw, kc_base, KS, KZ, pid_bh, ks_bh, n0 + BLOCK_N,
+                    end, scale_log2, GP, KW, KP, D, BLOCK_N, KBITS, QGROUP, PER_CHANNEL, FAST,
+                )  # fmt: skip
+                m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7 = _tile_values(
+                    s_cur, n0, end, m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7,
+                    VS, VZ, vc_base, pid_bh, vs_bh, offs_vw, VW, VP, BLOCK_N, VBITS, FAST,
+                )  # fmt: skip
+                s_cur = s_next
+            if start < end:
+                last = start + ((end - start - 1) // BLOCK_N) * BLOCK_N
+                m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7 = _tile_values(
+                    s_cur, last, end, m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7,
+                    VS, VZ, vc_base, pid_bh, vs_bh, offs_vw, VW, VP, BLOCK_N, VBITS, FAST,
+                )  # fmt: skip
+        else:
+            for n0 in tl.range(start, end, BLOCK_N):
+                s = _tile_scores(
+                    q_ptr, offs_g, row_ok, offs_kw, kc_base, KS, KZ, pid_bh, ks_bh, n0, end,
+                    scale_log2, GP, KW, KP, D, BLOCK_N, KBITS, QGROUP, PER_CHANNEL, FAST,
+                )  # fmt: skip
+                m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7 = _tile_values(
+                    s, n0, end, m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7,
+                    VS, VZ, vc_base, pid_bh, vs_bh, offs_vw, VW, VP, BLOCK_N, VBITS, FAST,
+                )  # fmt: skip
         # blocks to output units (exact powers of two), then [VW, GP] back into [GP, D] in
         # channel order:
         a0 *= _UNIT * _field_scale(VBITS, 0)
@@ -370,15 +423,19 @@ def launch_defaults(key_bits: int, rows: int, tokens: int) -> dict:
     ones cost more to combine than they gain), the full-precision residual read by a split of
     its own (in parallel with the codes, not after the last split's).
     2-bit codes: 64-token tiles, one warp, the residual loop unpipelined (its staged fp16 tiles
-    would take shared memory, so fewer programs per SM). A few rows: 8 waves of splits. Many
+    would take shared memory, so fewer programs per SM). A few rows: 8 waves of splits, the next
+    tile's scores overlapped with this tile's values (1.09x at 128k batch 1, 1.11x at batch 2;
+    slower at batch 8, where the extra live registers cost more programs per SM). Many
     rows: registers held to 168 (more programs per SM), 12 waves up to 2^21 row-tokens and 20
     beyond (each up to 1.4x faster than the other in its range).
     Wider codes, a few rows: 64-token tiles, two warps, a pipelined residual, 6 waves; many
     rows: 32-token tiles, one warp held to 128 registers, 16 waves."""
-    settings = dict(block_n=64, num_warps=1, res_stages=1, maxnreg=None, residual_split=True)
+    settings = dict(
+        block_n=64, num_warps=1, res_stages=1, maxnreg=None, residual_split=True, overlap=False
+    )
     few = rows < 32
     if key_bits == 2 and few:
-        return settings | dict(waves=8)
+        return settings | dict(waves=8, overlap=True)
     if key_bits == 2:
         return settings | dict(waves=12 if rows * tokens <= 1 << 21 else 20, maxnreg=168)
     if few:
@@ -390,11 +447,13 @@ def quant_decode_triton(
     q: torch.Tensor, cache: QuantKV, *, scale: float, split_len: int | None = None,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
     fast_unpack: bool | None = None, waves: int | None = None, res_stages: int | None = None,
-    maxnreg: int | None = None, residual_split: bool | None = None,
+    maxnreg: int | None = None, residual_split: bool | None = None, overlap: bool | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """q [B, Hq, D] -> [B, Hq, D]: the split kernel, then the LSE combine. Settings left out
     come from ``launch_defaults``; ``residual_split``: the full-precision residual is read by a
-    split of its own rather than by the last split of codes."""
+    split of its own rather than by the last split of codes; ``overlap``: each iteration computes
+    the next tile's scores before this tile's values (same results, another schedule);
+    ``maxnreg`` 0: no register cap."""
     bsz, hq, d = q.shape
     hkv = cache.key_codes.shape[1]
     if fast_unpack is None:  # PTX unpacking on the GPU; plain shifts in the interpreter
@@ -409,8 +468,9 @@ def quant_decode_triton(
     num_stages = num_stages or 3
     res_stages = res_stages or default["res_stages"]
     waves = waves or default["waves"]
-    maxnreg = maxnreg or default["maxnreg"]
+    maxnreg = default["maxnreg"] if maxnreg is None else maxnreg  # 0: no cap
     residual_split = default["residual_split"] if residual_split is None else residual_split
+    overlap = default["overlap"] if overlap is None else overlap
     if cache.key_per_channel and cache.group % block_n:
         raise ValueError(f"block_n {block_n} must divide the quantisation group {cache.group}")
     if split_len is None:
@@ -438,7 +498,7 @@ def quant_decode_triton(
         hkv, n_splits, split_len, cache.n_quant, cache.n_residual, scale * LOG2E,
         GROUP=group, GP=gp, D=d, BLOCK_N=block_n, KBITS=cache.key_bits, VBITS=cache.value_bits,
         QGROUP=cache.group, PER_CHANNEL=cache.key_per_channel, FAST=fast_unpack,
-        RES_STAGES=res_stages, num_warps=num_warps, num_stages=num_stages,
+        RES_STAGES=res_stages, OVERLAP=overlap, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )  # fmt: skip
     return combine_splits(o_part, l_part, bsz, hq, group, n_splits, d, q.dtype)

@@ -20,6 +20,7 @@ CASES = [  # (B, Hq, Hkv, quantised tokens, residual, D, group, k bits, v bits, 
     (1, 4, 2, 48, 3, 32, 16, 8, 8, False, 16),
     (1, 4, 4, 0, 9, 128, 16, 2, 2, True, None),  # nothing quantised yet: the residual only
     (1, 4, 2, 32, 4, 128, 16, 4, 2, True, 16),  # 4-bit keys, 2-bit values
+    (1, 4, 2, 48, 2, 128, 16, 2, 2, False, 32),  # per-token keys, a split of one and a half tiles
 ]
 for bsz, hq, hkv, n, r, d, group, kb, vb, per_channel, split in CASES:
     torch.manual_seed(n + r + d)
@@ -40,11 +41,13 @@ for bsz, hq, hkv, n, r, d, group, kb, vb, per_channel, split in CASES:
     )
     q = torch.randn(bsz, hq, d)
     want = quant_decode_reference(q, cache, scale=d**-0.5)
-    for residual_split in (False, True):  # the residual read by the last split / its own
+    # the residual read by the last split or its own; the loop plain or skewed by one tile
+    for residual_split, overlap in ((False, False), (True, False), (True, True)):
         got = quant_decode_triton(
-            q, cache, scale=d**-0.5, split_len=split, block_n=16, residual_split=residual_split
-        )
-        case = str((bsz, hq, n, r, d, kb, residual_split))
+            q, cache, scale=d**-0.5, split_len=split, block_n=16, residual_split=residual_split,
+            overlap=overlap,
+        )  # fmt: skip
+        case = str((bsz, hq, n, r, d, kb, residual_split, overlap))
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3, msg=case)
 print(f"ok: {len(CASES)} cases")
 sys.exit(0)

@@ -19,11 +19,15 @@ def _compile_sm90(*args, **kwargs) -> str:
     return compile_sm90(*args, **kwargs).asm["ptx"]
 
 
-@pytest.mark.parametrize("bits,warps,res_stages", [(2, 1, 1), (4, 2, 2)])
-def test_quantised_decode_reads_codes_as_words_and_unpacks_with_one_and(bits, warps, res_stages):
+@pytest.mark.parametrize(
+    "bits,warps,res_stages,overlap", [(2, 1, 1, True), (2, 1, 1, False), (4, 2, 2, False)]
+)
+def test_quantised_decode_reads_codes_as_words_and_unpacks_with_one_and(
+    bits, warps, res_stages, overlap
+):
     from kernels.offline_compile import compile_quant_decode_sm90
 
-    ptx = compile_quant_decode_sm90(bits, warps, res_stages).asm["ptx"]
+    ptx = compile_quant_decode_sm90(bits, warps, res_stages, overlap=overlap).asm["ptx"]
     # the codes reach registers in 16-bit or wider loads: the byte layout this replaced was
     # read with 64 single-byte shared loads per tile, the cost its profile showed
     assert not re.findall(r"ld\.shared(?:\.v\d)?\.(?:u8|s8|b8)", ptx)
