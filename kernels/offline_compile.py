@@ -47,11 +47,13 @@ def compile_sm90(
 
 
 def compile_quant_decode_sm90(
-    bits: int, num_warps: int, res_stages: int, block_n: int = 64, overlap: bool = False
-):
+    bits: int, num_warps: int, res_stages: int, block_n: int = 64, overlap: bool = False,
+    fold_per_group: bool = True,
+):  # fmt: skip
     """``kernels.quant_decode``'s split kernel for sm_90 as its launcher runs it on a 32 q / 8 kv,
     d 128 model (query group 4, per-channel keys in groups of 128), ``bits`` for keys and
-    values, 3 stages; ``overlap``: the tile loop skewed by one tile."""
+    values, 3 stages; ``overlap``: the tile loop skewed by one tile; ``fold_per_group``: the
+    folded query held across a key group's tiles."""
     from kernels.quant_decode import _quant_decode_split
 
     pointers = dict.fromkeys(["Q", "KS", "KZ", "VS", "VZ", "RK", "RV"], "fp16")
@@ -60,6 +62,7 @@ def compile_quant_decode_sm90(
     constexprs = dict(
         GROUP=4, GP=4, D=128, BLOCK_N=block_n, KBITS=bits, VBITS=bits, QGROUP=128,
         PER_CHANNEL=True, FAST=True, RES_STAGES=res_stages, OVERLAP=overlap,
+        FOLD_PER_GROUP=fold_per_group,
     )  # fmt: skip
     return compile_sm90(
         _quant_decode_split, pointers, {"scale_log2"}, constexprs, num_warps, 3,

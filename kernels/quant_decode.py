@@ -193,27 +193,58 @@ if triton is not None:
         return 2.0 ** -_position_constexpr(BITS, P)
 
     @triton.jit
-    def _scores_part(
-        s, z, q_ptr, offs_g, row_ok, kw, kw_high, srow, zrow, offs_w,
-        P: tl.constexpr, W: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-        PER_CHANNEL: tl.constexpr, FAST: tl.constexpr,
+    def _query_part(
+        q_ptr, offs_g, row_ok, srow, zrow, offs_w, P: tl.constexpr, W: tl.constexpr,
+        D: tl.constexpr, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
     ):  # fmt: skip
-        """Add the transposed scores [BLOCK_N, GP] of channel block P, in units of 2^-24 (and,
-        per channel, its zero-point term)."""
+        """Channel block P of the query folded for the key codes, float16 [W, GP]: q * 2^-pos,
+        times the group's channel scales for per-channel keys; and its zero-point term [W, GP]:
+        q * zero per channel, or q itself per token (the caller multiplies by each token's zero)."""
         ch = P * W + offs_w
         q_t = tl.load(q_ptr + offs_g[None, :] * D + ch[:, None], mask=row_ok[None, :], other=0.0)
-        q_t = q_t.to(tl.float32)  # [W, GP]
-        codes = _field(kw, kw_high, P, BITS, FAST)  # [BLOCK_N, W]
+        q_t = q_t.to(tl.float32)
         if PER_CHANNEL:
             sc = tl.load(srow + ch).to(tl.float32)
             zc = tl.load(zrow + ch).to(tl.float32)
-            q_s = q_t * (sc * _field_scale(BITS, P))[:, None]
-            s = tl.dot(codes, q_s.to(tl.float16), s)
-            z += q_t * zc[:, None]
+            folded = q_t * (sc * _field_scale(BITS, P))[:, None]
+            zterm = q_t * zc[:, None]
         else:
-            s = tl.dot(codes, (q_t * _field_scale(BITS, P)).to(tl.float16), s)
-            z += q_t  # times each token's zero, applied by the caller
-        return s, z
+            folded = q_t * _field_scale(BITS, P)
+            zterm = q_t
+        return folded.to(tl.float16), zterm
+
+    @triton.jit
+    def _folded_query(
+        q_ptr, offs_g, row_ok, KS, KZ, pid_bh, ks_bh, n0, offs_kw, KW: tl.constexpr,
+        KP: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, QGROUP: tl.constexpr,
+        PER_CHANNEL: tl.constexpr,
+    ):  # fmt: skip
+        """The query folded for the keys of the group holding token n0, per channel block
+        (g0..g7; those past KP repeat g0, unused), and the zero-point term summed over channels
+        [GP] (one reduction, not one per block)."""
+        srow = KS + pid_bh * ks_bh + (n0 // QGROUP) * D
+        zrow = KZ + pid_bh * ks_bh + (n0 // QGROUP) * D
+        args = (q_ptr, offs_g, row_ok, srow, zrow, offs_kw)
+        g0, z = _query_part(*args, 0, KW, D, KBITS, PER_CHANNEL)
+        g1, z1 = _query_part(*args, 1, KW, D, KBITS, PER_CHANNEL)
+        z += z1
+        g2 = g0
+        g3 = g0
+        g4 = g0
+        g5 = g0
+        g6 = g0
+        g7 = g0
+        if KP >= 4:
+            g2, z2 = _query_part(*args, 2, KW, D, KBITS, PER_CHANNEL)
+            g3, z3 = _query_part(*args, 3, KW, D, KBITS, PER_CHANNEL)
+            z += z2 + z3
+        if KP >= 8:
+            g4, z4 = _query_part(*args, 4, KW, D, KBITS, PER_CHANNEL)
+            g5, z5 = _query_part(*args, 5, KW, D, KBITS, PER_CHANNEL)
+            g6, z6 = _query_part(*args, 6, KW, D, KBITS, PER_CHANNEL)
+            g7, z7 = _query_part(*args, 7, KW, D, KBITS, PER_CHANNEL)
+            z += z4 + z5 + z6 + z7
+        return g0, g1, g2, g3, g4, g5, g6, g7, tl.sum(z, 0)
 
     @triton.jit
     def _value_part(
@@ -225,33 +256,35 @@ if triton is not None:
 
     @triton.jit
     def _tile_scores(
-        q_ptr, offs_g, row_ok, offs_kw, kc_base, KS, KZ, pid_bh, ks_bh, n0, end, scale_log2,
-        GP: tl.constexpr, KW: tl.constexpr, KP: tl.constexpr, D: tl.constexpr,
-        BLOCK_N: tl.constexpr, KBITS: tl.constexpr, QGROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, FAST: tl.constexpr,
+        kc_base, offs_kw, KS, KZ, pid_bh, ks_bh, n0, end, scale_log2,
+        g0, g1, g2, g3, g4, g5, g6, g7, zq, GP: tl.constexpr, KW: tl.constexpr,
+        KP: tl.constexpr, BLOCK_N: tl.constexpr, KBITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+        FAST: tl.constexpr,
     ):  # fmt: skip
-        """Scores [BLOCK_N, GP] of the tile at token n0 in base-2 logit units, -inf past ``end``."""
+        """Scores [BLOCK_N, GP] of the tile at token n0 in base-2 logit units, -inf past ``end``,
+        given the folded query of its key group (``_folded_query``)."""
         offs_n = n0 + tl.arange(0, BLOCK_N)
         ok = offs_n < end
         # key words [BLOCK_N, KW] as stored: tokens are the products' rows (operand A)
         kw = tl.load(kc_base + offs_n[:, None] * KW + offs_kw[None, :], mask=ok[:, None], other=0)
         kw_high = _high_bytes(kw, FAST)
-        srow = KS + pid_bh * ks_bh + (n0 // QGROUP) * D
-        zrow = KZ + pid_bh * ks_bh + (n0 // QGROUP) * D
-        s = tl.zeros([BLOCK_N, GP], tl.float32)
-        z = tl.zeros([KW, GP], tl.float32)  # zero-point terms, summed over blocks first
-        for p in tl.static_range(KP):
-            s, z = _scores_part(
-                s, z, q_ptr, offs_g, row_ok, kw, kw_high, srow, zrow, offs_kw, p, KW, D,
-                KBITS, PER_CHANNEL, FAST,
-            )  # fmt: skip
-        z = tl.sum(z, 0)  # one reduction over channels per tile, not one per block
-        s = s * _UNIT
+        s = tl.zeros([BLOCK_N, GP], tl.float32)  # in units of 2^-24
+        s = tl.dot(_field(kw, kw_high, 0, KBITS, FAST), g0, s)
+        s = tl.dot(_field(kw, kw_high, 1, KBITS, FAST), g1, s)
+        if KP >= 4:
+            s = tl.dot(_field(kw, kw_high, 2, KBITS, FAST), g2, s)
+            s = tl.dot(_field(kw, kw_high, 3, KBITS, FAST), g3, s)
+        if KP >= 8:
+            s = tl.dot(_field(kw, kw_high, 4, KBITS, FAST), g4, s)
+            s = tl.dot(_field(kw, kw_high, 5, KBITS, FAST), g5, s)
+            s = tl.dot(_field(kw, kw_high, 6, KBITS, FAST), g6, s)
+            s = tl.dot(_field(kw, kw_high, 7, KBITS, FAST), g7, s)
         if PER_CHANNEL:
-            s = s + z[None, :]
+            s = s * _UNIT + zq[None, :]
         else:
             ks = tl.load(KS + pid_bh * ks_bh + offs_n, mask=ok, other=0.0).to(tl.float32)
             kz = tl.load(KZ + pid_bh * ks_bh + offs_n, mask=ok, other=0.0).to(tl.float32)
-            s = s * ks[:, None] + kz[:, None] * z[None, :]
+            s = s * (ks * _UNIT)[:, None] + kz[:, None] * zq[None, :]
         return tl.where(ok[:, None], s * scale_log2, float("-inf"))
 
     @triton.jit
@@ -296,7 +329,7 @@ if triton is not None:
         GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         KBITS: tl.constexpr, VBITS: tl.constexpr, QGROUP: tl.constexpr,
         PER_CHANNEL: tl.constexpr, FAST: tl.constexpr, RES_STAGES: tl.constexpr,
-        OVERLAP: tl.constexpr,
+        OVERLAP: tl.constexpr, FOLD_PER_GROUP: tl.constexpr,
     ):  # fmt: skip
         pid_bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -328,41 +361,75 @@ if triton is not None:
         end = tl.minimum(start + SPLIT_LEN, N_QUANT)
         kc_base = KC + pid_bh * kc_bh
         vc_base = VC + pid_bh * vc_bh
+        # the query folded for the split's first key group (a split past the codes has none:
+        # its scale rows do not exist)
+        g0 = tl.zeros([KW, GP], tl.float16)
+        g1 = g0
+        g2 = g0
+        g3 = g0
+        g4 = g0
+        g5 = g0
+        g6 = g0
+        g7 = g0
+        zq = tl.zeros([GP], tl.float32)
+        qargs = (q_ptr, offs_g, row_ok, KS, KZ, pid_bh, ks_bh)
+        if start < end:
+            g0, g1, g2, g3, g4, g5, g6, g7, zq = _folded_query(
+                *qargs, start, offs_kw, KW, KP, D, KBITS, QGROUP, PER_CHANNEL
+            )
+        sargs = (kc_base, offs_kw, KS, KZ, pid_bh, ks_bh)
+        vargs = (VS, VZ, vc_base, pid_bh, vs_bh, offs_vw)  # (constexprs do not pass in tuples)
         if OVERLAP:
-            # the next tile's scores are computed before this tile's values: two independent
-            # chains of products and loads the scheduler interleaves (1-warp 2-bit programs
-            # are latency-bound, benchmarks/RESULTS.md)
+            # skewed by one tile: the next tile's scores are computed before this tile's values,
+            # two independent chains of products and loads the scheduler interleaves (one-warp
+            # 2-bit programs are latency-bound, benchmarks/RESULTS.md); the query is refolded
+            # every tile, as holding it costs registers this schedule lacks
             s_cur = tl.full([BLOCK_N, GP], float("-inf"), tl.float32)
-            if start < end:  # (a split past the codes has no tile: its scale rows do not exist)
+            if start < end:
                 s_cur = _tile_scores(
-                    q_ptr, offs_g, row_ok, offs_kw, kc_base, KS, KZ, pid_bh, ks_bh, start, end,
-                    scale_log2, GP, KW, KP, D, BLOCK_N, KBITS, QGROUP, PER_CHANNEL, FAST,
+                    *sargs, start, end, scale_log2, g0, g1, g2, g3, g4, g5, g6, g7, zq,
+                    GP, KW, KP, BLOCK_N, KBITS, PER_CHANNEL, FAST,
                 )  # fmt: skip
             for n0 in tl.range(start, end - BLOCK_N, BLOCK_N):
+                f0, f1, f2, f3, f4, f5, f6, f7, fz = _folded_query(
+                    *qargs, n0 + BLOCK_N, offs_kw, KW, KP, D, KBITS, QGROUP, PER_CHANNEL
+                )
                 s_next = _tile_scores(
-                    q_ptr, offs_g, row_ok, offs_kw, kc_base, KS, KZ, pid_bh, ks_bh, n0 + BLOCK_N,
-                    end, scale_log2, GP, KW, KP, D, BLOCK_N, KBITS, QGROUP, PER_CHANNEL, FAST,
+                    *sargs, n0 + BLOCK_N, end, scale_log2, f0, f1, f2, f3, f4, f5, f6, f7, fz,
+                    GP, KW, KP, BLOCK_N, KBITS, PER_CHANNEL, FAST,
                 )  # fmt: skip
                 m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7 = _tile_values(
                     s_cur, n0, end, m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7,
-                    VS, VZ, vc_base, pid_bh, vs_bh, offs_vw, VW, VP, BLOCK_N, VBITS, FAST,
+                    *vargs, VW, VP, BLOCK_N, VBITS, FAST,
                 )  # fmt: skip
                 s_cur = s_next
             if start < end:
                 last = start + ((end - start - 1) // BLOCK_N) * BLOCK_N
                 m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7 = _tile_values(
                     s_cur, last, end, m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7,
-                    VS, VZ, vc_base, pid_bh, vs_bh, offs_vw, VW, VP, BLOCK_N, VBITS, FAST,
+                    *vargs, VW, VP, BLOCK_N, VBITS, FAST,
                 )  # fmt: skip
         else:
             for n0 in tl.range(start, end, BLOCK_N):
+                if PER_CHANNEL:  # (per-token keys: the folded query holds for every tile)
+                    if FOLD_PER_GROUP:
+                        # refolded at each new key group and held across its tiles: fewer
+                        # instructions, more live registers (int4: 3-5% faster, RESULTS.md)
+                        if (n0 % QGROUP == 0) & (n0 != start):
+                            g0, g1, g2, g3, g4, g5, g6, g7, zq = _folded_query(
+                                *qargs, n0, offs_kw, KW, KP, D, KBITS, QGROUP, PER_CHANNEL
+                            )
+                    else:
+                        g0, g1, g2, g3, g4, g5, g6, g7, zq = _folded_query(
+                            *qargs, n0, offs_kw, KW, KP, D, KBITS, QGROUP, PER_CHANNEL
+                        )
                 s = _tile_scores(
-                    q_ptr, offs_g, row_ok, offs_kw, kc_base, KS, KZ, pid_bh, ks_bh, n0, end,
-                    scale_log2, GP, KW, KP, D, BLOCK_N, KBITS, QGROUP, PER_CHANNEL, FAST,
+                    *sargs, n0, end, scale_log2, g0, g1, g2, g3, g4, g5, g6, g7, zq,
+                    GP, KW, KP, BLOCK_N, KBITS, PER_CHANNEL, FAST,
                 )  # fmt: skip
                 m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7 = _tile_values(
                     s, n0, end, m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7,
-                    VS, VZ, vc_base, pid_bh, vs_bh, offs_vw, VW, VP, BLOCK_N, VBITS, FAST,
+                    *vargs, VW, VP, BLOCK_N, VBITS, FAST,
                 )  # fmt: skip
         # blocks to output units (exact powers of two), then [VW, GP] back into [GP, D] in
         # channel order:
@@ -429,15 +496,18 @@ def launch_defaults(key_bits: int, rows: int, tokens: int) -> dict:
     rows: registers held to 168 (more programs per SM), 12 waves up to 2^21 row-tokens and 20
     beyond (each up to 1.4x faster than the other in its range).
     Wider codes, a few rows: 64-token tiles, two warps, a pipelined residual, 6 waves; many
-    rows: 32-token tiles, one warp held to 128 registers, 16 waves."""
-    settings = dict(
-        block_n=64, num_warps=1, res_stages=1, maxnreg=None, residual_split=True, overlap=False
-    )
+    rows: 32-token tiles, one warp held to 128 registers, 16 waves.
+    Per-channel keys' folded query is held across a key group's tiles (``fold_per_group``;
+    int4 3-5% faster) except for 2-bit codes: the skewed loop refolds per tile, and over many
+    rows, at 168 registers, holding it spills (5% slower at batch 4)."""
+    settings = dict(block_n=64, num_warps=1, res_stages=1, maxnreg=None, residual_split=True)
+    settings |= dict(overlap=False, fold_per_group=True)
     few = rows < 32
     if key_bits == 2 and few:
         return settings | dict(waves=8, overlap=True)
     if key_bits == 2:
-        return settings | dict(waves=12 if rows * tokens <= 1 << 21 else 20, maxnreg=168)
+        waves = 12 if rows * tokens <= 1 << 21 else 20
+        return settings | dict(waves=waves, maxnreg=168, fold_per_group=False)
     if few:
         return settings | dict(num_warps=2, res_stages=2, waves=6)
     return settings | dict(block_n=32, waves=16, maxnreg=128)
@@ -448,12 +518,14 @@ def quant_decode_triton(
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
     fast_unpack: bool | None = None, waves: int | None = None, res_stages: int | None = None,
     maxnreg: int | None = None, residual_split: bool | None = None, overlap: bool | None = None,
+    fold_per_group: bool | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """q [B, Hq, D] -> [B, Hq, D]: the split kernel, then the LSE combine. Settings left out
     come from ``launch_defaults``; ``residual_split``: the full-precision residual is read by a
     split of its own rather than by the last split of codes; ``overlap``: each iteration computes
     the next tile's scores before this tile's values (same results, another schedule);
-    ``maxnreg`` 0: no register cap."""
+    ``fold_per_group``: without ``overlap``, per-channel keys' folded query (q times the group's
+    scales) is computed once per key group rather than per tile; ``maxnreg`` 0: no register cap."""
     bsz, hq, d = q.shape
     hkv = cache.key_codes.shape[1]
     if fast_unpack is None:  # PTX unpacking on the GPU; plain shifts in the interpreter
@@ -471,6 +543,7 @@ def quant_decode_triton(
     maxnreg = default["maxnreg"] if maxnreg is None else maxnreg  # 0: no cap
     residual_split = default["residual_split"] if residual_split is None else residual_split
     overlap = default["overlap"] if overlap is None else overlap
+    fold_per_group = default["fold_per_group"] if fold_per_group is None else fold_per_group
     if cache.key_per_channel and cache.group % block_n:
         raise ValueError(f"block_n {block_n} must divide the quantisation group {cache.group}")
     if split_len is None:
@@ -498,7 +571,8 @@ def quant_decode_triton(
         hkv, n_splits, split_len, cache.n_quant, cache.n_residual, scale * LOG2E,
         GROUP=group, GP=gp, D=d, BLOCK_N=block_n, KBITS=cache.key_bits, VBITS=cache.value_bits,
         QGROUP=cache.group, PER_CHANNEL=cache.key_per_channel, FAST=fast_unpack,
-        RES_STAGES=res_stages, OVERLAP=overlap, num_warps=num_warps, num_stages=num_stages,
+        RES_STAGES=res_stages, OVERLAP=overlap,
+        FOLD_PER_GROUP=fold_per_group, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )  # fmt: skip
     return combine_splits(o_part, l_part, bsz, hq, group, n_splits, d, q.dtype)

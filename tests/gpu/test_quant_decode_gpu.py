@@ -76,9 +76,9 @@ def test_quant_decode_matches_reference_and_sdpa(dtype, bsz, n, group, bits, per
     torch.testing.assert_close(got, sdpa, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-@pytest.mark.parametrize("bsz,bits,block_n", [(1, 2, 64), (8, 4, 32), (2, 4, 64)])
-def test_both_loop_schedules_match_the_reference(overlap, bsz, bits, block_n):
+@pytest.mark.parametrize("overlap,per_group", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("bsz,bits,block_n", [(1, 2, 64), (8, 4, 32), (2, 8, 64)])
+def test_every_loop_schedule_matches_the_reference(overlap, per_group, bsz, bits, block_n):
     from kernels.quant_decode import quant_decode_reference, quant_decode_triton
 
     # 3968 coded tokens in 16 splits (the last one short) and a 32-token residual in a split of
@@ -86,6 +86,8 @@ def test_both_loop_schedules_match_the_reference(overlap, bsz, bits, block_n):
     cache, _, _ = _quant_cache(bsz, 8, 3968, 32, 128, 128, bits, True, torch.float16, bits)
     g = torch.Generator(device="cuda").manual_seed(11)
     q = torch.randn(bsz, 32, 128, device="cuda", dtype=torch.float16, generator=g)
-    got = quant_decode_triton(q, cache, scale=128**-0.5, block_n=block_n, overlap=overlap)
+    got = quant_decode_triton(
+        q, cache, scale=128**-0.5, block_n=block_n, overlap=overlap, fold_per_group=per_group
+    )
     want = quant_decode_reference(q, cache, scale=128**-0.5)
     torch.testing.assert_close(got.float(), want.float(), atol=4e-3, rtol=4e-3)

@@ -20,8 +20,10 @@ CASES = [  # (B, Hq, Hkv, quantised tokens, residual, D, group, k bits, v bits, 
     (1, 4, 2, 48, 3, 32, 16, 8, 8, False, 16),
     (1, 4, 4, 0, 9, 128, 16, 2, 2, True, None),  # nothing quantised yet: the residual only
     (1, 4, 2, 32, 4, 128, 16, 4, 2, True, 16),  # 4-bit keys, 2-bit values
-    (1, 4, 2, 48, 2, 128, 16, 2, 2, False, 32),  # per-token keys, a split of one and a half tiles
+    (1, 4, 2, 48, 2, 128, 16, 2, 2, False, 32),  # per-token keys, the last split shorter
+    (1, 4, 2, 96, 3, 128, 32, 4, 4, True, 48),  # splits of 1.5 key groups: one starts mid-group
 ]
+SCHEDULES = [(False, False, False), (True, False, True), (True, True, False)]
 for bsz, hq, hkv, n, r, d, group, kb, vb, per_channel, split in CASES:
     torch.manual_seed(n + r + d)
     keys = torch.randn(bsz * hkv, n, d) * 2
@@ -41,13 +43,14 @@ for bsz, hq, hkv, n, r, d, group, kb, vb, per_channel, split in CASES:
     )
     q = torch.randn(bsz, hq, d)
     want = quant_decode_reference(q, cache, scale=d**-0.5)
-    # the residual read by the last split or its own; the loop plain or skewed by one tile
-    for residual_split, overlap in ((False, False), (True, False), (True, True)):
+    # the residual read by the last split or its own; the loop plain (the folded query held
+    # per key group or refolded per tile) or skewed by one tile
+    for residual_split, overlap, per_group in SCHEDULES:
         got = quant_decode_triton(
             q, cache, scale=d**-0.5, split_len=split, block_n=16, residual_split=residual_split,
-            overlap=overlap,
+            overlap=overlap, fold_per_group=per_group,
         )  # fmt: skip
-        case = str((bsz, hq, n, r, d, kb, residual_split, overlap))
+        case = str((bsz, hq, n, r, d, kb, residual_split, overlap, per_group))
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3, msg=case)
 print(f"ok: {len(CASES)} cases")
 sys.exit(0)

@@ -110,7 +110,7 @@ def test_a_field_outside_the_mantissa_is_refused():
 
 def test_launch_defaults_give_every_setting_for_every_width_and_regime():
     keys = {"block_n", "num_warps", "res_stages", "maxnreg", "residual_split", "waves"}
-    keys |= {"overlap"}
+    keys |= {"overlap", "fold_per_group"}
     for bits in (2, 4, 8):
         for rows in (1, 8, 32, 64):
             for tokens in (256, 8192, 131072):
