@@ -362,23 +362,15 @@ if triton is not None:
         kc_base = KC + pid_bh * kc_bh
         vc_base = VC + pid_bh * vc_bh
         # the query folded for the split's first key group (a split past the codes has none:
-        # its scale rows do not exist)
+        # its scale rows do not exist): g0..g7 and the zero-point term, as one tuple
         g0 = tl.zeros([KW, GP], tl.float16)
-        g1 = g0
-        g2 = g0
-        g3 = g0
-        g4 = g0
-        g5 = g0
-        g6 = g0
-        g7 = g0
-        zq = tl.zeros([GP], tl.float32)
+        folded = (g0, g0, g0, g0, g0, g0, g0, g0, tl.zeros([GP], tl.float32))
         qargs = (q_ptr, offs_g, row_ok, KS, KZ, pid_bh, ks_bh)
         if start < end:
-            g0, g1, g2, g3, g4, g5, g6, g7, zq = _folded_query(
-                *qargs, start, offs_kw, KW, KP, D, KBITS, QGROUP, PER_CHANNEL
-            )
+            folded = _folded_query(*qargs, start, offs_kw, KW, KP, D, KBITS, QGROUP, PER_CHANNEL)
         sargs = (kc_base, offs_kw, KS, KZ, pid_bh, ks_bh)
         vargs = (VS, VZ, vc_base, pid_bh, vs_bh, offs_vw)  # (constexprs do not pass in tuples)
+        state = (m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7)  # the online softmax's
         if OVERLAP:
             # skewed by one tile: the next tile's scores are computed before this tile's values,
             # two independent chains of products and loads the scheduler interleaves (one-warp
@@ -387,50 +379,36 @@ if triton is not None:
             s_cur = tl.full([BLOCK_N, GP], float("-inf"), tl.float32)
             if start < end:
                 s_cur = _tile_scores(
-                    *sargs, start, end, scale_log2, g0, g1, g2, g3, g4, g5, g6, g7, zq,
-                    GP, KW, KP, BLOCK_N, KBITS, PER_CHANNEL, FAST,
+                    *sargs, start, end, scale_log2, *folded, GP, KW, KP, BLOCK_N, KBITS,
+                    PER_CHANNEL, FAST,
                 )  # fmt: skip
             for n0 in tl.range(start, end - BLOCK_N, BLOCK_N):
-                f0, f1, f2, f3, f4, f5, f6, f7, fz = _folded_query(
-                    *qargs, n0 + BLOCK_N, offs_kw, KW, KP, D, KBITS, QGROUP, PER_CHANNEL
-                )
+                n1 = n0 + BLOCK_N
+                f = _folded_query(*qargs, n1, offs_kw, KW, KP, D, KBITS, QGROUP, PER_CHANNEL)
                 s_next = _tile_scores(
-                    *sargs, n0 + BLOCK_N, end, scale_log2, f0, f1, f2, f3, f4, f5, f6, f7, fz,
-                    GP, KW, KP, BLOCK_N, KBITS, PER_CHANNEL, FAST,
-                )  # fmt: skip
-                m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7 = _tile_values(
-                    s_cur, n0, end, m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7,
-                    *vargs, VW, VP, BLOCK_N, VBITS, FAST,
-                )  # fmt: skip
+                    *sargs, n1, end, scale_log2, *f, GP, KW, KP, BLOCK_N, KBITS, PER_CHANNEL, FAST
+                )
+                state = _tile_values(s_cur, n0, end, *state, *vargs, VW, VP, BLOCK_N, VBITS, FAST)
                 s_cur = s_next
             if start < end:
                 last = start + ((end - start - 1) // BLOCK_N) * BLOCK_N
-                m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7 = _tile_values(
-                    s_cur, last, end, m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7,
-                    *vargs, VW, VP, BLOCK_N, VBITS, FAST,
-                )  # fmt: skip
+                state = _tile_values(s_cur, last, end, *state, *vargs, VW, VP, BLOCK_N, VBITS, FAST)
         else:
             for n0 in tl.range(start, end, BLOCK_N):
                 if PER_CHANNEL:  # (per-token keys: the folded query holds for every tile)
-                    if FOLD_PER_GROUP:
-                        # refolded at each new key group and held across its tiles: fewer
-                        # instructions, more live registers (int4: 3-5% faster, RESULTS.md)
-                        if (n0 % QGROUP == 0) & (n0 != start):
-                            g0, g1, g2, g3, g4, g5, g6, g7, zq = _folded_query(
-                                *qargs, n0, offs_kw, KW, KP, D, KBITS, QGROUP, PER_CHANNEL
-                            )
-                    else:
-                        g0, g1, g2, g3, g4, g5, g6, g7, zq = _folded_query(
+                    # FOLD_PER_GROUP: refolded at each new key group and held across its tiles,
+                    # fewer instructions, more live registers (int4: 3-5% faster, RESULTS.md);
+                    # else refolded every tile
+                    if ((n0 % QGROUP == 0) & (n0 != start)) | (not FOLD_PER_GROUP):
+                        folded = _folded_query(
                             *qargs, n0, offs_kw, KW, KP, D, KBITS, QGROUP, PER_CHANNEL
                         )
                 s = _tile_scores(
-                    *sargs, n0, end, scale_log2, g0, g1, g2, g3, g4, g5, g6, g7, zq,
-                    GP, KW, KP, BLOCK_N, KBITS, PER_CHANNEL, FAST,
+                    *sargs, n0, end, scale_log2, *folded, GP, KW, KP, BLOCK_N, KBITS,
+                    PER_CHANNEL, FAST,
                 )  # fmt: skip
-                m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7 = _tile_values(
-                    s, n0, end, m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7,
-                    *vargs, VW, VP, BLOCK_N, VBITS, FAST,
-                )  # fmt: skip
+                state = _tile_values(s, n0, end, *state, *vargs, VW, VP, BLOCK_N, VBITS, FAST)
+        m_i, l_i, az, a0, a1, a2, a3, a4, a5, a6, a7 = state
         # blocks to output units (exact powers of two), then [VW, GP] back into [GP, D] in
         # channel order:
         a0 *= _UNIT * _field_scale(VBITS, 0)
