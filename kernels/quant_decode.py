@@ -463,7 +463,7 @@ def _per_bh(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def launch_defaults(key_bits: int, rows: int, tokens: int) -> dict:
     """Tile and launch settings for ``rows`` (batch x KV head) rows of ``tokens`` quantised
-    tokens, measured best on an H100 at 8k-128k tokens, batch 1, 4 and 8
+    tokens, measured best on an H100 at 8k-128k tokens, batch 1 to 16
     (benchmarks/RESULTS.md). All: 3 pipeline stages, splits of at least 256 tokens (shorter
     ones cost more to combine than they gain), the full-precision residual read by a split of
     its own (in parallel with the codes, not after the last split's).
@@ -471,8 +471,10 @@ def launch_defaults(key_bits: int, rows: int, tokens: int) -> dict:
     would take shared memory, so fewer programs per SM). A few rows: 8 waves of splits, the next
     tile's scores overlapped with this tile's values (1.09x at 128k batch 1, 1.11x at batch 2;
     slower at batch 8, where the extra live registers cost more programs per SM). Many
-    rows: registers held to 168 (more programs per SM), 12 waves up to 2^21 row-tokens and 20
-    beyond (each up to 1.4x faster than the other in its range).
+    rows: registers held to 192 (10 programs per SM), rows / 4 waves (8 at 32 rows, 16 at 64,
+    at most 24: 5-16% faster than 168 registers and 12 or 20 waves at batch 4, 8 and 16, 8k-128k);
+    but 168 registers and 12 waves for 64 or more rows of at most 2^19 row-tokens, where ten
+    programs per SM leave a second, short round (batch 8 at 8k: 27.6 against 31.4 us).
     Wider codes, a few rows: 64-token tiles, two warps, a pipelined residual, 6 waves; many
     rows: 32-token tiles, one warp held to 128 registers, 16 waves.
     Per-channel keys' folded query is held across a key group's tiles (``fold_per_group``;
@@ -484,8 +486,10 @@ def launch_defaults(key_bits: int, rows: int, tokens: int) -> dict:
     if key_bits == 2 and few:
         return settings | dict(waves=8, overlap=True)
     if key_bits == 2:
-        waves = 12 if rows * tokens <= 1 << 21 else 20
-        return settings | dict(waves=waves, maxnreg=168, fold_per_group=False)
+        if rows >= 64 and rows * tokens <= 1 << 19:  # short: 10 programs per SM leave a tail
+            return settings | dict(waves=12, maxnreg=168, fold_per_group=False)
+        waves = min(24, max(8, rows // 4))  # about 33 splits per row up to 64 rows
+        return settings | dict(waves=waves, maxnreg=192, fold_per_group=False)
     if few:
         return settings | dict(num_warps=2, res_stages=2, waves=6)
     return settings | dict(block_n=32, waves=16, maxnreg=128)
