@@ -8,6 +8,7 @@ left out for every contender alike. Prints speed-ups over SDPA measured in this 
 bandwidth reached on the bytes each actually reads, against this GPU's measured copy rate.
 
     python benchmarks/gpu_decode.py [--lengths 8192,32768,131072] [--batches 1,8] [--sweep]
+        [--grid]
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def main() -> None:
     parser.add_argument(
         "--sweep", action="store_true", help="launch settings around the defaults, at 128k"
     )
+    parser.add_argument(
+        "--grid", action="store_true", help="registers x waves over many rows, batch 4-16"
+    )
     args = parser.parse_args()
     bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -98,6 +102,8 @@ def main() -> None:
             torch.cuda.empty_cache()
     if args.sweep:
         sweep(scale, args.group, args.residual)
+    if args.grid:
+        launch_grid(scale, args.group, args.residual)
 
 
 def quant_variants(bits: int, rows: int, tokens: int) -> list[dict]:
@@ -168,6 +174,43 @@ def sweep(scale: float, group: int, residual: int) -> None:
                 waves=waves,
             )  # fmt: skip
             _report(f"sparse10% T={t} B=8 waves={waves}", fn)
+
+
+# (bits, batch, tokens) x register caps x waves: the grid behind launch_defaults' many-row rules
+GRID = {
+    2: ([(4, 16384), (4, 65536), (4, 131072), (8, 8192), (8, 32768), (8, 65536), (8, 131072),
+         (16, 8192), (16, 32768)], (168, 184, 192), (8, 12, 16, 20, 24)),
+    4: ([(4, 131072), (8, 32768), (8, 131072)], (128, 144, 160), (12, 16, 20)),
+}  # fmt: skip
+
+
+def launch_grid(scale: float, group: int, residual: int) -> None:
+    """For many (batch x KV head) rows: every register cap x waves of splits around the
+    defaults, the better of two timings each; prints the default and the three best."""
+    print("\n| codes | batch | tokens | default us | best: registers, waves, us |")
+    print("|---|---:|---:|---:|---|")
+    for bits, (shapes, caps, waves_list) in GRID.items():
+        for b, t in shapes:
+            g = torch.Generator(device="cuda").manual_seed(b + t)
+            q = torch.randn(b, HQ, D, device="cuda", dtype=torch.float16, generator=g)
+            k = torch.randn(b, HKV, t, D, device="cuda", dtype=torch.float16, generator=g)
+            c = quant_cache(k, torch.randn_like(k), bits, group, residual)
+            del k
+            default = _best_of_two(partial(quant_decode_triton, q, c, scale=scale))
+            times = []
+            for cap in caps:
+                for waves in waves_list:
+                    fn = partial(quant_decode_triton, q, c, scale=scale, maxnreg=cap, waves=waves)
+                    times.append((_best_of_two(fn), cap, waves))
+            top = "; ".join(f"{cap}, {waves}, {us:.1f}" for us, cap, waves in sorted(times)[:3])
+            print(f"| int{bits} | {b} | {t} | {default:.1f} | {top} |", flush=True)
+            del c
+            torch.cuda.empty_cache()
+
+
+def _best_of_two(fn) -> float:
+    """Microseconds: the better of two CUDA-graph medians."""
+    return min(do_bench_cudagraph(fn) for _ in range(2)) * 1e3
 
 
 def _report(label: str, fn) -> None:
