@@ -22,8 +22,8 @@ transposed, tokens as rows: scores S^T [BLOCK_N, GP] = codes_p @ (q_p)^T and the
 O^T [D, GP] per channel block = codes_p^T @ P^T, so the 4-head query group pads the tensor-core
 tile's 8-wide N side rather than its 16-row M side (half the padded products, half the
 softmax work: 1.2x faster for 2-bit codes than query rows as M, benchmarks/RESULTS.md).
-For per-channel keys the group's scale and zero fold into the query; the zero point adds
-sum(q * zero) to every score. Values fold their per-token scale into the probabilities:
+For per-channel keys the group's scale and zero fold into the query (once per key group, held
+across its tiles, where registers allow); the zero point adds sum(q * zero) to every score. Values fold their per-token scale into the probabilities:
 out_p += codes_p^T @ (p * value_scale), and sum(p * value_zero) is added to every channel. The
 blocks join into channel order once per program. The residual is the last segment of the same
 online softmax, read by the last split: by default a split of its own past the codes, so it
