@@ -10,6 +10,7 @@ beside benchmarks/gpu_decode.py, which measures.
 from __future__ import annotations
 
 from kernels.offline_compile import compile_quant_decode_sm90, main_loop_mix
+from kernels.quant_decode import launch_defaults
 
 
 def main() -> None:
@@ -17,19 +18,21 @@ def main() -> None:
         "| codes | warps | tile tokens | registers | shared KiB | instr / iteration | warp instr / (token, KV head) | top opcodes |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---|")
-    # the launcher's defaults (kernels/quant_decode.py), query group 4 (32 q / 8 kv), d 128
-    # (the launcher's defaults for a few rows; where the folded query is held per key group, the
-    # loop body counted includes its refold, which runs once per group, not per iteration)
-    for bits, warps, res_stages, overlap in [(2, 1, 1, True), (4, 2, 2, False), (8, 2, 2, False)]:
+    # the launcher's defaults for a few rows (kernels/quant_decode.launch_defaults: 8 rows,
+    # 128k tokens), query group 4 (32 q / 8 kv), d 128; where the folded query is held per key
+    # group, the loop body counted includes its refold, which runs once per group
+    for bits in (2, 4, 8):
+        s = launch_defaults(bits, 8, 131072)
         kernel = compile_quant_decode_sm90(
-            bits, warps, res_stages, overlap=overlap, fold_per_group=not overlap
+            bits, s["num_warps"], s["res_stages"], s["block_n"], s["overlap"], s["fold_per_group"]
         )
         regs, ops = main_loop_mix(kernel)
         n = sum(ops.values())
         top = ", ".join(f"{op} {count}" for op, count in ops.most_common(8))
+        warps, tile = s["num_warps"], s["block_n"]
         print(
-            f"| int{bits} | {warps} | 64 | {regs} | {kernel.metadata.shared / 1024:.1f} | {n} | "
-            f"{n * warps / 64:.1f} | {top} |"
+            f"| int{bits} | {warps} | {tile} | {regs} | {kernel.metadata.shared / 1024:.1f} | {n} | "
+            f"{n * warps / tile:.1f} | {top} |"
         )
 
 
