@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from probes.attention import Recorder, recording
+from probes.compat import cache_arg
 from probes.errors import KvlensError
 from probes.models import model_facts
 from probes.resources import check_fits, estimate_probe_bytes
@@ -155,7 +156,7 @@ def capture(
             cache = DynamicCache() if generate else None
             out = model(
                 input_ids=input_ids,
-                past_key_values=cache,
+                **cache_arg(model, cache),
                 use_cache=bool(generate),
                 logits_to_keep=1,
             )
@@ -165,7 +166,7 @@ def capture(
                 generated.append(token)
                 rec.step = step
                 step_ids = torch.tensor([[token]], device=device)
-                out = model(input_ids=step_ids, past_key_values=cache, use_cache=True)
+                out = model(input_ids=step_ids, **cache_arg(model, cache), use_cache=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the forward time must include the kernels
     except (torch.OutOfMemoryError, MemoryError) as exc:
