@@ -2,10 +2,13 @@
 
 Retrieval score (Wu et al. 2024, "Retrieval Head Mechanistically Explains Long-Context
 Factuality"): while the model copies a needle out of a haystack under greedy decoding, a
-head "retrieves" at a step when the generated token is a needle token and the head's
-strongest attention points at a needle position holding that very token. Its score is the
-fraction of the needle's tokens it retrieved, averaged over the prompts given. kvlens reads
-the attention rows from the probe's generate mode; the paper aggregates the same event.
+head "retrieves" at a step when the token that step's query produces is a needle token and
+the head's strongest attention, from that query, points at a needle position holding that
+very token (the query that *produces* the token, not the query of the token fed at that
+step: that one would score echo heads, which attend to earlier copies of their own input
+token). Its score is the fraction of the needle's tokens it retrieved, averaged over the
+prompts given. kvlens reads the attention rows from the probe's generate mode (step s: the
+query producing generated token s); the paper aggregates the same event.
 
 Echo and induction scores (the measurement RazorAttention uses to find heads to protect,
 after Olsson et al.'s induction heads): on a random token sequence repeated twice, the
@@ -22,24 +25,29 @@ from probes.trace import Trace
 
 
 def retrieval_events(trace: Trace, needle_positions: list[int]) -> pl.DataFrame:
-    """One row per (step, layer, head) where the head retrieved the token being copied."""
+    """One row per (step, layer, head) where the head retrieved the token being produced.
+
+    Step s's row is the attention of the query that produces generated token s (see
+    ``probes.trace``): the event is that query's strongest attention landing on a needle
+    position that holds the very token it produces. Ties go to the earliest position.
+    """
     if trace.step_stats is None:
         from probes.errors import KvlensError
 
         raise KvlensError("retrieval scores need decoding steps; probe with generate > 0")
-    n_prompt = trace.n_prompt_tokens
     needle = set(needle_positions)
     ids = trace.token_ids
-    generated = {s: ids[n_prompt + s - 1] for s in range(1, len(ids) - n_prompt + 1)}
+    steps = trace.decode_steps()
+    produced = dict(zip(steps["step"].to_list(), steps["produced"].to_list()))
     best = (
-        trace.step_stats.sort("attention", descending=True)
+        trace.step_stats.sort(["attention", "position"], descending=[True, False])
         .group_by("step", "layer", "head", maintain_order=True)
         .first()
     )
     hits = [
         r
         for r in best.iter_rows(named=True)
-        if r["position"] in needle and ids[r["position"]] == generated.get(r["step"])
+        if r["position"] in needle and ids[r["position"]] == produced.get(r["step"])
     ]
     schema = {"step": pl.Int32, "layer": pl.Int16, "head": pl.Int16, "position": pl.Int32}
     return pl.DataFrame([{k: r[k] for k in schema} for r in hits], schema=schema)

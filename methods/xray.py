@@ -83,8 +83,9 @@ def xray(
             model, prefill_logits(model, prompt_ids, cache), cache, reference
         )
     kls, _agree = divergence(ref_logits, tf_logits)
-    # the full model's attention rows along the same tokens: step s is the query of reference[s-1]
-    full = capture(model, tokenizer, prompt_ids, attention="stats", kv=False, forced=reference[:-1])
+    # the full model's attention rows along the same tokens: step s is the query that produces
+    # reference[s] (the prompt's last query at step 0), as the method's call s attends
+    full = capture(model, tokenizer, prompt_ids, attention="stats", kv=False, forced=reference)
     group = full.model.n_heads // full.model.n_kv_heads
     kept_rows, attended = [], {}
     for layer_idx, layer in enumerate(cache.layers):

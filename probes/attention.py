@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.attention_stats import AttentionStats, attention_with_stats
+from kernels.attention_stats import (
+    AttentionStats,
+    attention_stats_reference,
+    attention_with_stats,
+)
 
 ATTN_NAME = "kvlens"
 
@@ -35,6 +39,9 @@ class Recorder:
     local: int = 16
     on_layer: Callable[[int], None] | None = None
     phase: str = "prefill"  # or "decode": one new token per call, its attention row kept
+    #: decoding follows: keep the prefill's last attention row too (step 0: the query that
+    #: produces the first generated token)
+    steps: bool = False
     step: int = 0
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     keys_pre_rope: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -168,6 +175,11 @@ def kvlens_attention(
             rec.step_rows.append((rec.step, layer, _to_cpu(stats.received.float())))
         else:
             rec.stats_by_layer[layer] = stats
+            if rec.steps:
+                row = _last_query_row(
+                    query[0], key[0], value[0], scale, mask, sliding_window, softcap
+                )
+                rec.step_rows.append((0, layer, _to_cpu(row)))
         output = out.unsqueeze(0)
     else:
         if softcap is not None:
@@ -176,6 +188,29 @@ def kvlens_attention(
     if rec is not None and rec.on_layer is not None:
         rec.on_layer(layer)
     return output.transpose(1, 2).contiguous(), None
+
+
+def _last_query_row(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None,
+    sliding_window: int | None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention [Hq, Tk] of the prompt's last query: the row of decoding step 0."""
+    _, stats = attention_stats_reference(
+        query[:, -1:],
+        key,
+        value,
+        scale=scale,
+        window=1,
+        sliding_window=sliding_window if mask is None else None,
+        mask=None if mask is None else mask[-1:],
+        softcap=softcap,
+    )
+    return stats.received.float()
 
 
 def _append(store: dict, layer: int, t: torch.Tensor, replace: bool = False) -> None:

@@ -95,8 +95,11 @@ def capture(
     """Run the prompt through ``model`` once and return what was recorded as a Trace.
 
     ``generate=M`` then decodes M tokens greedily, recording each step's attention row
-    (``step_stats``) and extending keys/values over the generated tokens. ``forced`` feeds
-    these tokens instead of the greedy ones (teacher forcing; ``generate`` becomes their count).
+    (``step_stats``) and extending keys/values over the generated tokens. Step s is the query
+    that *produces* generated token s: step 0 is the prompt's last query, step s >= 1 the query
+    of generated token s-1 (``Trace.decode_steps()`` lists which token each step fed and
+    produced). ``forced`` feeds these tokens instead of the greedy ones (teacher forcing;
+    ``generate`` becomes their count).
     ``progress`` is called with the layer index as each layer's attention finishes
     (``n_layers * (1 + generate)`` calls in all).
     """
@@ -147,6 +150,7 @@ def capture(
         window=window,
         sinks=sinks,
         on_layer=progress,
+        steps=generate > 0,
     )
     input_ids = torch.tensor([ids], device=device)
     t_forward = time.perf_counter()
@@ -196,8 +200,10 @@ def capture(
     key_stats, query_stats, step_stats = (None, None, None)
     if rec.stats_by_layer:
         key_stats, query_stats = stats_tables(rec.stats_by_layer, facts.n_heads, facts.n_kv_heads)
-    if rec.step_rows:
-        step_stats = step_table(rec.step_rows, facts.n_heads, facts.n_kv_heads)
+    # the last call only extends keys/values: the token its query produces is not in the trace
+    rows = [r for r in rec.step_rows if r[0] < generate]
+    if rows:
+        step_stats = step_table(rows, facts.n_heads, facts.n_kv_heads)
     tables_s = time.perf_counter() - t_tables
     settings = {
         "attention": attention,

@@ -37,7 +37,10 @@ from probes.trace import (
 )
 
 SCHEMA = "kvlens.dump"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: version 1 numbered decoding steps from 1 and kept a last step whose produced token is not in
+#: the trace; it is read by dropping that step (see ``_step_rows_v1``). It lacks step 0.
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 TABLES = {
@@ -116,11 +119,11 @@ def read_manifest(folder: str | Path) -> dict:
         raise _fail(folder, f"{MANIFEST} is not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         raise _fail(folder, f"{MANIFEST} is not a kvlens dump manifest")
-    if manifest.get("version") != SCHEMA_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise _fail(
             folder,
             f"schema version {manifest.get('version')!r} is not supported "
-            f"(this kvlens reads version {SCHEMA_VERSION})",
+            f"(this kvlens reads versions {', '.join(map(str, READABLE_VERSIONS))})",
         )
     required = {
         "model": dict,
@@ -186,6 +189,19 @@ def _read_dump(folder: Path) -> Trace:
     for attr, (filename, schema) in TABLES.items():
         spec = manifest["tables"].get(attr)
         tables[attr] = None if spec is None else _read_table(folder, filename, spec, schema)
+    n_prompt = manifest["settings"].get("n_prompt_tokens", n_tokens)  # checked with tensors
+    steps = tables["step_stats"]
+    if steps is not None and manifest["version"] == 1:
+        steps = tables["step_stats"] = _step_rows_v1(steps, n_tokens - n_prompt)
+    if steps is not None and steps.height:
+        bad_step = steps["step"].min() < 0 or steps["step"].max() >= n_tokens - n_prompt
+        # the query of step s sits at n_prompt - 1 + s and sees no later position
+        late = steps.filter(pl.col("position") > pl.col("step") + (n_prompt - 1)).height
+        if bad_step or late:
+            raise _fail(
+                folder,
+                "step_stats.parquet holds steps or positions the generated tokens do not allow",
+            )
     for attr in ("key_stats", "query_stats", "step_stats"):
         df = tables[attr]
         if (
@@ -215,6 +231,12 @@ def _read_dump(folder: Path) -> Trace:
         step_stats=tables["step_stats"],
         timings=manifest.get("timings") or {},
     )
+
+
+def _step_rows_v1(steps: pl.DataFrame, n_generated: int) -> pl.DataFrame:
+    """Version-1 step rows under today's convention: their step s was already the query at
+    n_prompt - 1 + s, but the last one produced a token outside the trace; drop it."""
+    return steps.filter(pl.col("step") < n_generated)
 
 
 def _expected_shape(

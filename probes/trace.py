@@ -5,9 +5,16 @@ the app: ``layers.{l}.key_pre_rope``, ``layers.{l}.key``, ``layers.{l}.value`` (
 [kv_heads, T, head_dim]) and ``layers.{l}.attn`` ([heads, T, T], only where full maps were
 captured). Statistics are long polars tables: ``key_stats`` (one row per layer, query head
 and key position) and ``query_stats`` (one row per layer, query head and query position),
-both over the prompt. A probe in generate mode adds ``step_stats``: for each greedy decoding
-step, the attention of the new token to every earlier position (one row per step, layer,
-head, position); its tokens then cover the prompt plus the generated tokens.
+both over the prompt. A probe in generate mode adds ``step_stats``: for each decoding step,
+the attention row of the query that *produces* a generated token, over every position it can
+see (one row per step, layer, head, position); its tokens then cover the prompt plus the
+generated tokens.
+
+Decoding steps, one convention everywhere: with a prompt of n tokens and M generated tokens,
+step s (0 <= s < M) is the query at position n - 1 + s. It was fed token ``token_ids[n-1+s]``
+(the prompt's last token at step 0) and produced ``token_ids[n+s]``, generated token s.
+``Trace.decode_steps()`` lists these per step; retrieval scores, persistence and the X-ray
+all read steps this way.
 """
 
 from __future__ import annotations
@@ -88,6 +95,30 @@ class Trace:
         if self.key_stats is not None and self.key_stats.height:
             found |= set(self.key_stats["layer"].unique().to_list())
         return sorted(found)
+
+    def decode_steps(self) -> pl.DataFrame:
+        """One row per decoding step: the query's position, the token it was fed and the token
+        it produced (ids and text). Empty for a trace without generated tokens."""
+        n = self.n_prompt_tokens
+        steps = list(range(self.n_tokens - n))
+        return pl.DataFrame(
+            {
+                "step": steps,
+                "query_position": [n - 1 + s for s in steps],
+                "fed": [self.token_ids[n - 1 + s] for s in steps],
+                "produced": [self.token_ids[n + s] for s in steps],
+                "fed_text": [self.tokens[n - 1 + s] for s in steps],
+                "produced_text": [self.tokens[n + s] for s in steps],
+            },
+            schema={
+                "step": pl.Int32,
+                "query_position": pl.Int32,
+                "fed": pl.Int64,
+                "produced": pl.Int64,
+                "fed_text": pl.String,
+                "produced_text": pl.String,
+            },
+        )
 
     def tensor(self, layer: int, kind: str) -> torch.Tensor:
         name = tensor_name(layer, kind)

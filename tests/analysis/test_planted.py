@@ -126,15 +126,19 @@ def test_echo_and_induction_heads_score_one():
     assert s.filter(head=2)["echo"][0] == 0.0
 
 
-def test_retrieval_score_counts_copy_steps_pointing_at_the_needle():
-    # prompt: 10 tokens with a 3-token needle at positions 4..6 (ids 44, 45, 46); then the
-    # model generates 45, 46, 99. Head 1 points at the copied needle token; head 0 does not.
-    ids = [10, 11, 12, 13, 44, 45, 46, 17, 18, 19, 45, 46, 99]
+def test_retrieval_score_follows_the_produced_token_not_the_fed_one():
+    # prompt: 10 tokens, a 3-token needle at positions 4..6 (ids 44, 45, 46), ending in 44;
+    # the model then generates 45, 46, 99. Step s is the query that produces generated token
+    # s: step 0 fed 44 (the prompt's last token) and produced 45, step 1 fed 45 -> 46, step 2
+    # fed 46 -> 99. Head 0 echoes: it attends to the earlier copy of the token it was fed.
+    # Head 1 retrieves: it attends to the needle position holding the token it produces.
+    ids = [10, 11, 12, 13, 44, 45, 46, 17, 18, 44, 45, 46, 99]
+    echo_target = {0: 4, 1: 5, 2: 6}
+    retrieval_target = {0: 5, 1: 6, 2: 2}
     rows = []
-    for step, target in ((1, 5), (2, 6), (3, 2)):
-        for head in range(2):
-            for pos in range(9 + step):
-                best = target if head == 1 else 0
+    for step in range(3):
+        for head, target in enumerate((echo_target[step], retrieval_target[step])):
+            for pos in range(10 + step):
                 rows.append(
                     {
                         "step": step,
@@ -142,12 +146,14 @@ def test_retrieval_score_counts_copy_steps_pointing_at_the_needle():
                         "head": head,
                         "kv_head": 0,
                         "position": pos,
-                        "attention": 0.9 if pos == best else 0.01,
+                        "attention": 0.9 if pos == target else 0.01,
                     }
                 )
     t = trace(
         n_tokens=13, n_layers=1, n_heads=2, n_kv_heads=1, step_rows=rows, token_ids=ids, n_prompt=10
     )
+    steps = t.decode_steps()
+    assert steps["fed"].to_list() == [44, 45, 46] and steps["produced"].to_list() == [45, 46, 99]
     scores = retrieval_heads.retrieval_scores(t, [4, 5, 6])
     assert scores.filter(head=1)["retrieval"][0] == pytest.approx(2 / 3)
-    assert scores.filter(head=0)["retrieval"][0] == 0.0
+    assert scores.filter(head=0)["retrieval"][0] == 0.0  # the echo head retrieves nothing

@@ -162,3 +162,31 @@ def test_bad_input_gives_one_line_errors(smol, kwargs, message):
     with pytest.raises(KvlensError, match=message) as info:
         capture(model, tok, **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_decoding_steps_are_the_rows_of_the_queries_that_produce_each_token(smol):
+    """Step s's row equals row n-1+s of an eager run over the prompt plus the generated tokens
+    (computed independently), step 0 is the prompt's last query, and each step's produced
+    token is the greedy choice of that query."""
+    model, tok = smol
+    ids = tok(passage(1))["input_ids"][:40]
+    n, m = len(ids), 4
+    t = capture(model, tok, ids, attention="stats", kv=False, generate=m)
+    assert sorted(t.step_stats["step"].unique().to_list()) == list(range(m))
+    steps = t.decode_steps()
+    assert steps["query_position"].to_list() == [n - 1 + s for s in range(m)]
+    assert steps["fed"][0] == ids[-1] and steps["produced"].to_list() == t.token_ids[n:]
+    model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = model(torch.tensor([t.token_ids]), output_attentions=True)
+    finally:
+        model.set_attn_implementation("kvlens")
+    greedy = out.logits[0, n - 1 : n - 1 + m].argmax(-1).tolist()
+    assert greedy == steps["produced"].to_list()
+    for s, layer in ((0, 0), (0, 17), (2, 9), (3, 29)):
+        expected = out.attentions[layer][0, :, n - 1 + s, : n + s].float()
+        rows = t.step_stats.filter(step=s, layer=layer).sort("head", "position")
+        got = torch.tensor(rows["attention"].to_numpy()).view(t.model.n_heads, -1)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-3)

@@ -125,3 +125,43 @@ def test_missing_file_is_refused(dump):
     shutil.rmtree(dump)
     with pytest.raises(DumpError, match="no such folder"):
         Trace.load(dump)
+
+
+def test_generate_trace_round_trips_and_version_one_steps_are_read_by_today_s_convention(
+    smol, tmp_path
+):
+    import polars as pl
+
+    model, tok = smol
+    t = capture(model, tok, passage(1), attention="stats", kv=False, layers=[1], generate=3)
+    folder = t.save(tmp_path / "gen")
+    loaded = Trace.load(folder)
+    assert loaded.step_stats.equals(t.step_stats)
+    assert loaded.decode_steps().equals(t.decode_steps())
+    # a version-1 dump held steps 1..M, the last one producing a token outside the trace
+    n, m = t.n_prompt_tokens, 3
+    extra = t.step_stats.filter(step=m - 1).with_columns(pl.lit(m, pl.Int32).alias("step"))
+    old = pl.concat([t.step_stats.filter(pl.col("step") > 0), extra])
+    old.write_parquet(folder / "step_stats.parquet")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["version"] = 1
+    manifest["tables"]["step_stats"]["rows"] = old.height
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    v1 = Trace.load(folder)
+    assert sorted(v1.step_stats["step"].unique().to_list()) == [1, 2]
+    assert v1.step_stats.filter(step=2).equals(t.step_stats.filter(step=2))
+    assert v1.decode_steps()["query_position"][1] == n
+
+
+def test_step_rows_past_their_query_are_refused(smol, tmp_path):
+    import polars as pl
+
+    model, tok = smol
+    t = capture(model, tok, passage(1), attention="stats", kv=False, layers=[1], generate=2)
+    bad = t.step_stats.with_columns(
+        pl.when(pl.col("step") == 0).then(pl.col("position") + 1).otherwise(pl.col("position"))
+    )
+    t.step_stats = bad
+    with pytest.raises(DumpError) as info:
+        Trace.load(t.save(tmp_path / "bad"))
+    assert "step_stats" in _one_line(info)
