@@ -45,7 +45,9 @@ def channel_stats(trace: Trace, ratio: float = 4.0, top: int = 4) -> pl.DataFram
             centred = x - x.mean(1, keepdim=True)
             var = centred.pow(2).mean(1).clamp_min(1e-12)
             kurt = centred.pow(4).mean(1) / var.pow(2) - 3.0
-            median = mean_abs.median(-1, keepdim=True).values.clamp_min(1e-12)
+            # the median of an even count is the mean of the two middle values (torch.median
+            # would return the lower one)
+            median = mean_abs.quantile(0.5, dim=-1, keepdim=True).clamp_min(1e-12)
             top_idx = ax.topk(min(top, d), dim=-1).indices  # [Hkv, T, top]
             in_top = torch.zeros_like(ax).scatter_(-1, top_idx, 1.0).mean(1)  # [Hkv, D]
             parts.append(
