@@ -4,11 +4,16 @@ MiniCache (Liu et al. 2024) merges adjacent layers' KV in the middle-to-deep lay
 their per-token states point in similar directions; it splits each vector into magnitude and
 direction and merges only directions. kvlens reports, for every pair of layers, the mean
 per-token cosine similarity (direction) and the mean magnitude ratio min/max (what the split
-keeps apart). Linear CKA (Kornblith et al. 2019) compares whole representations. xKV
-(Chang et al. 2025) observes that the dominant singular vectors of adjacent layers' keys are
-aligned, so a group of layers stacked side by side needs a smaller rank than the layers
-separately: ``svd_energy`` gives the fraction of energy kept at each rank for single layers
-and for stacked groups. ``umap_keys`` embeds one head's key vectors in 2-D (umap-learn).
+keeps apart), each over tokens and KV heads (vectors of head_dim). Departure (also in
+``analysis.departures``): MiniCache merges only adjacent layers from mid-depth on and keeps
+its least similar tokens unmerged; the mean over all tokens hides those, and the
+``adjacent`` rows are its pairs. Linear CKA (Kornblith et al. 2019; xKV uses it for the
+same question) compares whole representations, tokens as items. xKV (Chang et al. 2025)
+observes that the dominant singular vectors of adjacent layers' keys are aligned, so a
+group of layers stacked side by side needs a smaller rank than the layers separately:
+``svd_energy`` gives the fraction of energy kept at each rank for single layers and for
+stacked groups. ``umap_keys`` embeds one head's key vectors in 2-D (UMAP, McInnes et al.
+2018, via umap-learn).
 """
 
 from __future__ import annotations
@@ -83,7 +88,8 @@ def svd_energy(
     ranks: tuple[int, ...] = (8, 16, 32, 64),
 ) -> pl.DataFrame:
     """Fraction of squared singular values kept at rank r, for groups of adjacent layers
-    stacked along features ([T, g*Hkv*D]), starting at every layer a group fits from."""
+    stacked along features ([T, g*Hkv*D]): consecutive, non-overlapping groups of g of the
+    captured layers, as xKV groups them (a ragged last group is left out)."""
     layers, x = _stack(trace, kind)
     feats = x.permute(0, 2, 1, 3).flatten(2)  # [L, T, Hkv*D]
     rows = []

@@ -3,6 +3,9 @@ locality, entropy and type, and the comparison of two such tables.
 
 Models differ in depth, so comparisons bin layers by relative depth (layer / (layers - 1)) into
 ``bins`` equal slices and compare the share of each head type and the mean of each measure.
+The measures and types are those of ``analysis.head_types`` and the scores those of
+``analysis.retrieval_heads`` (Wu et al. 2024; RazorAttention's echo and induction, after
+Olsson et al. 2022); the binning by relative depth is kvlens's own convention.
 """
 
 from __future__ import annotations

@@ -1,5 +1,12 @@
 """Head taxonomy: one row per head with the measures that separate head kinds, and a type.
 
+The kinds follow the papers that found them: retrieval heads (Wu et al. 2024, scored by
+``analysis.retrieval_heads``), attention-sink heads (StreamingLLM, Xiao et al. 2024), and
+the local ("streaming") versus full-context heads that DuoAttention (Xiao et al. 2025) and
+RazorAttention (Tang et al. 2025) compress differently. Departure (also in
+``analysis.departures``): those papers pick heads by a learned gate (DuoAttention) or a top
+share of echo/induction scores (RazorAttention); kvlens uses the fixed thresholds below.
+
 Measures (from the probe's query statistics, queries past the sinks only): mean entropy (nats)
 and entropy normalised by log(visible keys); mean attention distance; sink ratio (mass on the
 first tokens); locality (mass on the 16 nearest positions); and, when given, the retrieval

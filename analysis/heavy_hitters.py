@@ -1,12 +1,17 @@
 """Heavy hitters: which tokens soak up attention, per layer and head.
 
 Reproduces the measurements behind H2O (accumulated attention; Zhang et al. 2023),
-TOVA/Keyformer (attention concentrates on few tokens) and Scissorhands' persistence of
-importance (Liu et al. 2023). Differences: scores come from the exact statistics of one
-probe (the received mass of every prompt query), and ``received_norm`` divides by the number
-of queries that can see a token, because causal masking alone favours early tokens.
-Persistence uses the probe's generate mode: the top-k set of each step's attention row,
-compared step to step (Scissorhands measures it over a history window the same way).
+TOVA/Keyformer (attention concentrates on few tokens), Scissorhands' persistence of
+importance (Liu et al. 2023) and StreamingLLM's attention sinks (Xiao et al. 2024).
+Scores come from the exact statistics of one probe: ``received`` is H2O's accumulated score
+(the attention each key receives, summed over every prompt query).
+
+Departures (also in ``analysis.departures``): the views rank by ``received_norm`` by default,
+which divides by the number of queries that can see a token, because causal masking alone
+favours early tokens; ``by="received"`` gives H2O's ranking. Persistence uses the probe's
+generate mode and reports the mean Jaccard overlap of the top-k sets of consecutive steps'
+attention rows; Scissorhands instead measures the share of a history window's heavy tokens
+that stay heavy afterwards. Sink mass averages over the queries past the sinks only.
 """
 
 from __future__ import annotations

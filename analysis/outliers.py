@@ -6,15 +6,20 @@ sit in fixed channels of *pre-RoPE* keys; RoPE smears them) and RotateKV / QuaRo
 (a Hadamard rotation spreads outliers over all channels). Per layer, KV head and channel:
 max |x|, mean |x| and excess kurtosis over tokens.
 
-Outlier rule (stated, not learned): a channel is an outlier when its mean |x| is at least
-``ratio`` (default 4) times the median mean |x| of the channels of its head. Persistence:
+Outlier rule (stated, not learned, and kvlens's own: the papers show the magnitudes but set
+no threshold): a channel is an outlier when its mean |x| is at least ``ratio`` (default 4)
+times the median mean |x| of the channels of its head. Persistence:
 the fraction of tokens on which the channel is among that token's top ``top`` channels by
 |x| (default the top 4 of head_dim); a persistent outlier scores close to 1.
 
 Quantisation error: asymmetric uniform round-to-nearest with min/max per group, groups of
 ``group`` tokens along one channel ("per channel", KIVI's keys) or all channels of one token
 ("per token"), at 2 and 4 bits, with and without a normalised Hadamard rotation of the
-channels. Reported as relative Frobenius error ||x - q(x)|| / ||x||.
+channels. Reported as relative Frobenius error ||x - q(x)|| / ||x||. Departures from KIVI
+(also in ``analysis.departures``): every token is quantised (KIVI keeps the newest tokens
+that do not fill a group in full precision; here a ragged last group is quantised as it is),
+and per-token grouping uses one group over a token's whole head_dim (KIVI's code splits a
+token's channels into groups of ``group``).
 """
 
 from __future__ import annotations
