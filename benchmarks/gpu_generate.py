@@ -21,6 +21,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from methods.cache import CompressedCache, full_cache_nbytes
 from methods.registry import create
 from probes.attention import register_kvlens_attention
+from probes.compat import cache_arg
 
 
 def generate(model, ids: torch.Tensor, cache, new: int) -> tuple[list[int], float, float]:
@@ -28,13 +29,13 @@ def generate(model, ids: torch.Tensor, cache, new: int) -> tuple[list[int], floa
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, **cache_arg(model, cache), use_cache=True, logits_to_keep=1)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         tokens = [tok]
         for _ in range(new - 1):
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            out = model(input_ids=tok, **cache_arg(model, cache), use_cache=True)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(tok)
         torch.cuda.synchronize()
@@ -106,7 +107,7 @@ def profile(model, ids, spec, path) -> None:
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         with torch.inference_mode():
             for _ in range(8):
-                model(input_ids=tok, past_key_values=cache, use_cache=True)
+                model(input_ids=tok, **cache_arg(model, cache), use_cache=True)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
     table_gpu = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)

@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 from methods.cache import CompressedCache
 from methods.registry import create, split_specs
+from probes.compat import cache_arg
 from probes.errors import KvlensError
 
 
@@ -41,7 +42,7 @@ def compress_context(model, context_ids: list[int], spec: str) -> CompressedCach
     with torch.inference_mode():
         model(
             input_ids=torch.tensor([context_ids], device=model.device),
-            past_key_values=cache,
+            **cache_arg(model, cache),
             use_cache=True,
         )
     return cache
@@ -57,7 +58,7 @@ def answer_question(
 
 def _answer(model, cache, question_ids: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
     ids = torch.tensor([question_ids], device=model.device)
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+    logits = model(input_ids=ids, **cache_arg(model, cache), use_cache=True).logits[0, -1]
     out = []
     for i in range(max_new_tokens):
         tok = int(logits.argmax())
@@ -66,7 +67,7 @@ def _answer(model, cache, question_ids: list[int], max_new_tokens: int, eos: set
             break
         logits = model(
             input_ids=torch.tensor([[tok]], device=model.device),
-            past_key_values=cache,
+            **cache_arg(model, cache),
             use_cache=True,
         ).logits[0, -1]
     return out
@@ -105,7 +106,7 @@ def ask(
 
     with torch.inference_mode():
         base = DynamicCache()
-        model(input_ids=ctx, past_key_values=base, use_cache=True)
+        model(input_ids=ctx, **cache_arg(model, base), use_cache=True)
         full_answers = []
         for i, q in enumerate(question_ids):
             t0 = time.perf_counter()

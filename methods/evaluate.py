@@ -23,6 +23,7 @@ from transformers import DynamicCache
 from methods.cache import CompressedCache, full_cache_nbytes
 from methods.registry import create, split_specs
 from probes.capture import check_length
+from probes.compat import cache_arg
 from probes.errors import KvlensError
 from probes.models import model_facts
 from probes.resources import check_fits
@@ -59,13 +60,13 @@ class Comparison:
 def prefill_logits(model, ids: list[int], cache) -> torch.Tensor:
     """Run the prompt into ``cache``; the next-token logits after it."""
     batch = torch.tensor([ids], device=model.device)
-    return model(input_ids=batch, past_key_values=cache, use_cache=True).logits[0, -1].float()
+    return model(input_ids=batch, **cache_arg(model, cache), use_cache=True).logits[0, -1].float()
 
 
 def step_logits(model, token: int, cache) -> torch.Tensor:
     """Feed one token into ``cache``; the next-token logits after it."""
     ids = torch.tensor([[token]], device=model.device)
-    return model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].float()
+    return model(input_ids=ids, **cache_arg(model, cache), use_cache=True).logits[0, -1].float()
 
 
 def greedy(

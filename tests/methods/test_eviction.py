@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from methods.cache import CompressedCache
 from methods.registry import available, create
 from probes import capture
+from probes.compat import cache_arg
 from tests.conftest import passage
 
 N = 200
@@ -32,7 +33,7 @@ def probe(smol, ids):
 def prefill(model, ids, spec):
     cache = CompressedCache(model, create(spec))
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([ids]), past_key_values=cache).logits[0, -1]
+        logits = model(input_ids=torch.tensor([ids]), **cache_arg(model, cache)).logits[0, -1]
     return cache, logits
 
 
@@ -55,7 +56,8 @@ def test_budget_above_length_equals_full_cache(smol, ids, name):
         cache, first = prefill(model, ids, f"{name}:budget={N + 50}")
         got = [first]
         for t in steps:
-            got.append(model(input_ids=torch.tensor([[t]]), past_key_values=cache).logits[0, -1])
+            step = model(input_ids=torch.tensor([[t]]), **cache_arg(model, cache))
+            got.append(step.logits[0, -1])
     want = full[N - 1 : N + len(steps)]
     torch.testing.assert_close(torch.stack(got), want, atol=2e-4, rtol=1e-4)
     assert all(len(p) == N + len(steps) for p in cache.kept_positions(0))
@@ -109,7 +111,7 @@ def test_h2o_never_evicts_the_recent_window_while_decoding(smol, ids):
     with torch.inference_mode():
         for step in range(5):
             tok = int(logits.argmax())
-            logits = model(input_ids=torch.tensor([[tok]]), past_key_values=cache).logits[0, -1]
+            logits = model(input_ids=torch.tensor([[tok]]), **cache_arg(model, cache)).logits[0, -1]
             seen = N + step + 1
             for kept in cache.kept_positions(7):
                 assert len(kept) == 40
@@ -146,7 +148,7 @@ def test_generate_runs_through_a_compressed_cache(smol, ids):
     cache = CompressedCache(model, create("streamingllm:budget=64"))
     with torch.inference_mode():
         out = model.generate(
-            torch.tensor([ids]), past_key_values=cache, max_new_tokens=6, do_sample=False
+            torch.tensor([ids]), **cache_arg(model, cache), max_new_tokens=6, do_sample=False
         )
     assert out.shape[1] == N + 6
     assert all(len(k) == 64 for k in cache.kept_positions(0))

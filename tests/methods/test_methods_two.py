@@ -12,6 +12,7 @@ from methods.evaluate import compare
 from methods.merging.minicache import merge_pair
 from methods.registry import available, create
 from probes import capture
+from probes.compat import cache_arg
 from tests.conftest import passage
 
 N = 300
@@ -28,7 +29,7 @@ def ids(smol):
 def prefill(model, ids, spec):
     cache = CompressedCache(model, create(spec))
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([ids]), past_key_values=cache).logits[0, -1]
+        logits = model(input_ids=torch.tensor([ids]), **cache_arg(model, cache)).logits[0, -1]
     return cache, logits
 
 

@@ -10,6 +10,7 @@ from methods.cache import CompressedCache, full_cache_nbytes
 from methods.evaluate import compare
 from methods.quantization.store import QuantHeadStore
 from methods.registry import available, create
+from probes.compat import cache_arg
 from tests.conftest import passage
 
 
@@ -82,7 +83,7 @@ def test_byte_accounting_equals_the_stored_tensors(smol, ids):
     model, _ = smol
     cache = CompressedCache(model, create("kivi:bits=2,group=32,residual=64"))
     with torch.inference_mode():
-        model(input_ids=torch.tensor([ids]), past_key_values=cache)
+        model(input_ids=torch.tensor([ids]), **cache_arg(model, cache))
     expected = 0
     for layer in cache.layers:
         lay = layer.store.layout()
