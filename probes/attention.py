@@ -22,6 +22,7 @@ from kernels.attention_stats import (
     attention_stats_reference,
     attention_with_stats,
 )
+from probes.errors import KvlensError
 
 ATTN_NAME = "kvlens"
 
@@ -145,6 +146,12 @@ def kvlens_attention(
             raise RuntimeError(
                 f"compressed cache layer {pending.layer_idx} attended at layer {layer}"
             )
+        if softcap is not None:
+            raise KvlensError(
+                "compressed caches do not support attention logit soft-capping yet "
+                f"(this model caps logits at {softcap}, e.g. Gemma 2); "
+                "probe it or use the full cache"
+            )
         output = pending.attend(query, key, value, scale=scale, sliding_window=sliding_window)
         return output.transpose(1, 2).contiguous(), None
     rec = _RECORDER.get()
@@ -181,13 +188,35 @@ def kvlens_attention(
                 )
                 rec.step_rows.append((0, layer, _to_cpu(row)))
         output = out.unsqueeze(0)
+    elif softcap is not None:  # soft-capped logits (Gemma 2): SDPA has no cap, use the exact path
+        output = torch.stack(
+            [
+                _softcapped(query, key, value, attention_mask, b, scale, sliding_window, softcap)
+                for b in range(query.shape[0])
+            ]
+        )
     else:
-        if softcap is not None:
-            raise ValueError("kvlens attention does not support softcap outside a probe")
         output = _sdpa(query, key, value, attention_mask, scale, dropout)
     if rec is not None and rec.on_layer is not None:
         rec.on_layer(layer)
     return output.transpose(1, 2).contiguous(), None
+
+
+def _softcapped(query, key, value, attention_mask, b, scale, sliding_window, softcap):
+    """Attention output [Hq, Tq, D] of sequence ``b`` with soft-capped logits."""
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask[b, 0] if attention_mask.dim() == 4 else attention_mask
+    out, _ = attention_with_stats(
+        query[b],
+        key[b],
+        value[b],
+        scale=scale,
+        sliding_window=sliding_window if mask is None else None,
+        mask=mask,
+        softcap=softcap,
+    )
+    return out
 
 
 def _last_query_row(
@@ -246,15 +275,21 @@ def install_key_hooks(model: torch.nn.Module) -> None:
 
 def _make_key_hook(attn: torch.nn.Module):
     layer, head_dim = attn.layer_idx, attn.head_dim
-    key_norm = getattr(attn, "k_norm", None)  # per-vector norm: applying it here is exact
+    key_norm = getattr(attn, "k_norm", None)  # a norm per token: applying it here is exact
+    # per head (Qwen 3, Gemma 3) or over all KV heads' projection at once (OLMo 2)
+    norm_size = getattr(getattr(key_norm, "weight", None), "numel", lambda: head_dim)()
+    whole = key_norm is not None and norm_size != head_dim
 
     def hook(_mod, _inp, out):
         rec = _RECORDER.get()
         if rec is None or not rec.kv or not rec.wants(layer):
             return
-        t = out[0].reshape(out.shape[1], -1, head_dim)  # first sequence: [T, Hkv, D]
-        if key_norm is not None:
-            with torch.no_grad():
+        t = out[0]  # first sequence: [T, Hkv * D]
+        with torch.no_grad():
+            if whole:
+                t = key_norm(t)
+            t = t.reshape(out.shape[1], -1, head_dim)  # [T, Hkv, D]
+            if key_norm is not None and not whole:
                 t = key_norm(t)
         _append(rec.keys_pre_rope, layer, t.transpose(0, 1), replace=rec.phase == "prefill")
 

@@ -84,6 +84,8 @@ class ModelFacts:
     dtype: str
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None
+    #: False where the model has no separate key projection to hook (fused q/k/v projections)
+    pre_rope_keys: bool = True
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -125,7 +127,50 @@ def model_facts(model) -> ModelFacts:
         dtype=str(model.dtype).replace("torch.", ""),
         sliding_window=getattr(text_cfg, "sliding_window", None),
         layer_types=tuple(layer_types) if layer_types else None,
+        pre_rope_keys=missing_key_projection(model) is None,
     )
+
+
+def missing_key_projection(model) -> str | None:
+    """Why pre-RoPE keys cannot be hooked on ``model``, or None when they can.
+
+    kvlens hooks each layer's separate key projection (``k_proj``). Models that compute
+    queries, keys and values in one fused projection (GPT-NeoX's ``query_key_value``,
+    Phi-3's ``qkv_proj``) have no such module to hook.
+    """
+    from probes.attention import attention_modules
+
+    if attention_modules(model):
+        return None
+    fused = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, _ in model.named_modules()
+            if name.rsplit(".", 1)[-1] in ("query_key_value", "qkv_proj", "c_attn", "Wqkv")
+        }
+    )
+    how = f"a fused {'/'.join(fused)} projection" if fused else "no k_proj module"
+    return (
+        f"{type(model).__name__} computes its keys in {how}, with no separate key projection "
+        "(k_proj) to hook, so kvlens records no pre-RoPE keys for it"
+    )
+
+
+def unsupported_reason(model) -> str | None:
+    """Why kvlens cannot run ``model`` at all, or None when it can."""
+    cfg = model.config
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if getattr(text_cfg, "kv_lora_rank", None):
+        key_dim = getattr(text_cfg, "qk_nope_head_dim", 0) + getattr(
+            text_cfg, "qk_rope_head_dim", 0
+        )
+        return (
+            f"{type(model).__name__} uses multi-head latent attention (kv_lora_rank="
+            f"{text_cfg.kv_lora_rank}): its keys ({key_dim} channels) and values "
+            f"({getattr(text_cfg, 'v_head_dim', '?')}) differ in size and its cache is a latent, "
+            "which kvlens' probes and compressed caches do not support"
+        )
+    return None
 
 
 def _cache_root() -> Path:
@@ -195,20 +240,38 @@ def load_model(
             return _LOADED[key]
         from probes.attention import register_kvlens_attention
 
-        register_kvlens_attention()
+        register_kvlens_attention()  # before from_pretrained, which checks the name
         folder, gguf_file, label = _locate(name_or_path)
         model, tokenizer = _from_pretrained(
             folder, gguf_file, getattr(torch, dtype), device_map, max_memory
         )
         if device_map is None:
             model.to(dev)
-        model.eval()
-        model.kvlens_name = label
-        from probes.attention import install_key_hooks
-
-        install_key_hooks(model)
+        wrap_model(model, name=label)
         _LOADED[key] = (model, tokenizer)
         return model, tokenizer
+
+
+def wrap_model(model, *, name: str | None = None):
+    """Make a causal LM built or loaded elsewhere run through kvlens; returns the same model.
+
+    For models kvlens did not load itself (e.g. built in memory from a transformers config):
+    registers kvlens' attention function, switches the model to it, puts it in eval mode and
+    hooks each layer's key projection for pre-RoPE keys. ``name`` labels traces of the model.
+    """
+    from probes.attention import install_key_hooks, register_kvlens_attention
+
+    reason = unsupported_reason(model)
+    if reason:
+        raise KvlensError(reason)
+    register_kvlens_attention()
+    if model.config._attn_implementation != "kvlens":
+        model.set_attn_implementation("kvlens")
+    model.eval()
+    if name is not None:
+        model.kvlens_name = name
+    install_key_hooks(model)
+    return model
 
 
 def _locate(name_or_path: str) -> tuple[Path, str | None, str]:

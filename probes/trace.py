@@ -125,6 +125,11 @@ class Trace:
         if name not in self.tensors:
             from probes.errors import KvlensError
 
+            if kind == "key_pre_rope" and not self.model.pre_rope_keys:
+                raise KvlensError(
+                    f"{self.model.architecture} has no separate key projection (k_proj) to "
+                    "hook, so this trace has no pre-RoPE keys; post-RoPE keys are in 'key'"
+                )
             raise KvlensError(f"this trace has no {name} (captured layers: {self.layers})")
         return self.tensors[name]
 

@@ -9,6 +9,7 @@ import torch
 
 from probes import KvlensError, capture
 from probes.attention import attention_modules
+from probes.compat import output_cache
 from tests.conftest import passage
 
 
@@ -35,7 +36,7 @@ def eager_attentions(smol, prompt_ids):
             out = model(torch.tensor([prompt_ids]), output_attentions=True, use_cache=True)
     finally:
         model.set_attn_implementation("kvlens")
-    return [a[0].float() for a in out.attentions], out.past_key_values
+    return [a[0].float() for a in out.attentions], output_cache(out)
 
 
 def _key_table(trace, layer, column):

@@ -1,0 +1,118 @@
+"""The architecture matrix, probe side: each family's tiny random-weight model through capture.
+
+For every family (tests/architectures.py): the attention kvlens records equals the model's own
+eager attention (``output_attentions``), post-RoPE keys are the model's rotary embedding
+applied to the recorded pre-RoPE keys (partial rotary included), and a dump reads back equal.
+Families kvlens cannot serve raise one clear line.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from probes import KvlensError, Trace, capture, model_facts
+from tests.architectures import FAMILIES, tiny_model
+from tests.conftest import passage
+
+PROBED = [f for f in FAMILIES if f != "deepseek_v3"]
+FUSED_QKV = ("phi3", "gpt_neox")  # one fused q/k/v projection: no k_proj to hook
+N_TOKENS = 40  # longer than the windowed families' window of 16
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smol):
+    return smol[1](passage(1))["input_ids"][:N_TOKENS]
+
+
+@pytest.fixture(scope="module")
+def traces(smol, prompt_ids):
+    return {f: capture(tiny_model(f), smol[1], prompt_ids, attention="full") for f in PROBED}
+
+
+def _eager_attentions(model, ids) -> list[torch.Tensor]:
+    model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = model(torch.tensor([ids]), output_attentions=True)
+    finally:
+        model.set_attn_implementation("kvlens")
+    return [a[0].float() for a in out.attentions]
+
+
+@pytest.mark.parametrize("family", PROBED)
+def test_probe_attention_equals_eager(family, traces, prompt_ids):
+    trace = traces[family]
+    eager = _eager_attentions(tiny_model(family), prompt_ids)
+    assert len(eager) == trace.model.n_layers
+    for layer, want in enumerate(eager):
+        # full maps are kept as float16
+        torch.testing.assert_close(trace.attn(layer).float(), want, atol=1e-3, rtol=0)
+        received = trace.key_stats.filter(layer=layer).sort("head", "position")["received"]
+        got = torch.tensor(received.to_numpy()).view(want.shape[0], -1)
+        torch.testing.assert_close(got, want.sum(1), atol=1e-4, rtol=1e-4)
+
+
+def _rope(model, layer: int, keys: torch.Tensor) -> torch.Tensor:
+    """The model's own rotary embedding applied to keys [Hkv, T, D] at positions 0..T-1."""
+    rotary = model.base_model.rotary_emb
+    positions = torch.arange(keys.shape[1])[None]
+    args = [keys[None].float(), positions]
+    if "layer_type" in inspect.signature(type(rotary).forward).parameters:
+        args.append(model.config.layer_types[layer])
+    with torch.no_grad():
+        cos, sin = rotary(*args)
+    r = cos.shape[-1]  # rotated channels: fewer than head_dim under partial rotary
+    rot, rest = keys[..., :r].float(), keys[..., r:].float()
+    half = torch.cat([-rot[..., r // 2 :], rot[..., : r // 2]], dim=-1)
+    return torch.cat([rot * cos[0] + half * sin[0], rest], dim=-1)
+
+
+@pytest.mark.parametrize("family", [f for f in PROBED if f not in FUSED_QKV])
+def test_post_rope_keys_are_the_rotated_pre_rope_keys(family, traces):
+    trace, model = traces[family], tiny_model(family)
+    assert trace.model.pre_rope_keys
+    for layer in range(trace.model.n_layers):
+        pre, post = trace.key_pre_rope(layer), trace.key(layer)
+        assert pre.shape == post.shape == (trace.model.n_kv_heads, N_TOKENS, trace.model.head_dim)
+        assert not torch.allclose(pre, post, atol=1e-3)  # RoPE moved them
+        torch.testing.assert_close(_rope(model, layer, pre), post.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_partial_rotary_leaves_the_unrotated_channels_alone(traces):
+    trace = traces["phi"]
+    rotated = tiny_model("phi").model.layers[0].self_attn.rotary_ndims
+    assert 0 < rotated < trace.model.head_dim
+    pre, post = trace.key_pre_rope(0), trace.key(0)
+    assert torch.equal(pre[..., rotated:], post[..., rotated:])
+    assert not torch.allclose(pre[..., :rotated], post[..., :rotated], atol=1e-3)
+
+
+@pytest.mark.parametrize("family", FUSED_QKV)
+def test_fused_projection_says_why_there_are_no_pre_rope_keys(family, traces):
+    trace = traces[family]
+    assert not trace.model.pre_rope_keys
+    assert trace.key(0).shape[-1] == trace.model.head_dim  # post-RoPE keys are recorded
+    with pytest.raises(KvlensError, match=r"no separate key projection \(k_proj\)") as err:
+        trace.key_pre_rope(0)
+    assert "\n" not in str(err.value)
+
+
+def test_latent_attention_is_refused_in_one_line():
+    with pytest.raises(KvlensError, match="multi-head latent attention") as err:
+        tiny_model("deepseek_v3")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("family", PROBED)
+def test_dump_round_trip(family, traces, tmp_path):
+    trace = traces[family]
+    back = Trace.load(trace.save(tmp_path / family))
+    assert back.model == trace.model == model_facts(tiny_model(family))
+    assert back.tensors.keys() == trace.tensors.keys()
+    for name, t in trace.tensors.items():
+        assert torch.equal(back.tensors[name], t), name
+    assert back.key_stats.equals(trace.key_stats)
+    assert back.query_stats.equals(trace.query_stats)
