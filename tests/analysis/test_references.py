@@ -348,7 +348,7 @@ def test_svd_energy_of_stacked_layers_matches_numpy_svd(real):
 
 def test_umap_keeps_planted_clusters_as_neighbours():
     from sklearn.manifold import trustworthiness
-    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.neighbors import NearestNeighbors
 
     rng = np.random.default_rng(1)
     n_clusters, per, d = 4, 50, 32
@@ -370,9 +370,9 @@ def test_umap_keeps_planted_clusters_as_neighbours():
     assert emb.height <= 150 and len(set(pos)) == emb.height
     xy = emb.select("x", "y").to_numpy()
     y = labels[pos]
-    knn = KNeighborsClassifier(n_neighbors=6).fit(xy, y)
     # leave-one-out: each point's 5 nearest other points vote
-    neighbours = knn.kneighbors(xy, return_distance=False)[:, 1:]
+    neighbours = NearestNeighbors(n_neighbors=6).fit(xy).kneighbors(xy, return_distance=False)
+    neighbours = neighbours[:, 1:]
     vote = np.array([Counter(y[nb]).most_common(1)[0][0] for nb in neighbours])
     assert (vote == y).mean() >= 0.98
     assert trustworthiness(keys[pos], xy, n_neighbors=5) >= 0.9
@@ -462,6 +462,35 @@ def test_head_type_rule_hits_each_threshold_edge():
         "retrieval",
         "sink",
     ]
+
+
+def test_head_types_of_a_planted_trace_sit_on_each_edge():
+    """Planted per-query statistics (float32, as a probe stores them) through head_types."""
+    half, below_half = 0.5, float(np.nextafter(np.float32(0.5), np.float32(0)))
+    t = synthetic_trace(n_tokens=32, n_layers=2, received=np.ones((2, 4, 32)))
+    planted = {  # (layer, head): (sink_mass, local_mass)
+        (0, 0): (half, 0.2),
+        (0, 1): (below_half, 0.2),
+        (0, 2): (0.1, half),
+        (0, 3): (0.1, below_half),
+    }
+    sink = pl.col("sink_mass")
+    local = pl.col("local_mass")
+    for (layer, head), (s, loc) in planted.items():
+        at = (pl.col("layer") == layer) & (pl.col("head") == head)
+        sink = pl.when(at).then(pl.lit(s)).otherwise(sink)
+        local = pl.when(at).then(pl.lit(loc)).otherwise(local)
+    t.query_stats = t.query_stats.with_columns(
+        sink_mass=sink.cast(pl.Float32), local_mass=local.cast(pl.Float32)
+    )
+    retrieval = pl.DataFrame(
+        {"layer": [1, 1], "head": [0, 1], "retrieval": [0.1, float(np.nextafter(0.1, 0.0))]}
+    )
+    got = head_types.head_types(t, retrieval).sort("layer", "head")
+    assert got["type"].to_list() == ["sink", "mixed", "local", "mixed", "retrieval"] + ["mixed"] * 3
+    # the untouched heads: entropy 1 nat at every query, so entropy_norm is mean 1 / log(q + 1)
+    expected = np.mean(1 / np.log(np.arange(4, 32) + 1))
+    assert got["entropy_norm"][7] == pytest.approx(expected, rel=1e-6)
 
 
 def test_profile_carries_measures_types_and_depth_from_their_references(real):
