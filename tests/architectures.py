@@ -10,6 +10,7 @@ prompts are real text.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
@@ -116,3 +117,29 @@ def tiny_model(family: str):
     torch.manual_seed(0)
     model = getattr(transformers, model_name)(config).float().eval()
     return wrap_model(model, name=f"tiny-{family}")
+
+
+def apply_rope(model, layer: int, keys: torch.Tensor) -> torch.Tensor:
+    """The model's own rotary embedding applied to keys [Hkv, T, D] at positions 0..T-1."""
+    rotary = model.base_model.rotary_emb
+    positions = torch.arange(keys.shape[1])[None]
+    args = [keys[None].float(), positions]
+    if "layer_type" in inspect.signature(type(rotary).forward).parameters:
+        args.append(model.config.layer_types[layer])
+    with torch.no_grad():
+        cos, sin = rotary(*args)
+    r = cos.shape[-1]  # rotated channels: fewer than head_dim under partial rotary
+    rot, rest = keys[..., :r].float(), keys[..., r:].float()
+    half = torch.cat([-rot[..., r // 2 :], rot[..., : r // 2]], dim=-1)
+    return torch.cat([rot * cos[0] + half * sin[0], rest], dim=-1)
+
+
+def eager_attentions(model, ids: list[int]) -> list[torch.Tensor]:
+    """The model's own attention probabilities per layer ([Hq, T, T]), from eager attention."""
+    model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = model(torch.tensor([ids]), output_attentions=True)
+    finally:
+        model.set_attn_implementation("kvlens")
+    return [a[0].float() for a in out.attentions]

@@ -8,13 +8,11 @@ Families kvlens cannot serve raise one clear line.
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
 from probes import KvlensError, Trace, capture, model_facts
-from tests.architectures import FAMILIES, tiny_model
+from tests.architectures import FAMILIES, apply_rope, eager_attentions, tiny_model
 from tests.conftest import passage
 
 PROBED = [f for f in FAMILIES if f != "deepseek_v3"]
@@ -32,20 +30,10 @@ def traces(smol, prompt_ids):
     return {f: capture(tiny_model(f), smol[1], prompt_ids, attention="full") for f in PROBED}
 
 
-def _eager_attentions(model, ids) -> list[torch.Tensor]:
-    model.set_attn_implementation("eager")
-    try:
-        with torch.inference_mode():
-            out = model(torch.tensor([ids]), output_attentions=True)
-    finally:
-        model.set_attn_implementation("kvlens")
-    return [a[0].float() for a in out.attentions]
-
-
 @pytest.mark.parametrize("family", PROBED)
 def test_probe_attention_equals_eager(family, traces, prompt_ids):
     trace = traces[family]
-    eager = _eager_attentions(tiny_model(family), prompt_ids)
+    eager = eager_attentions(tiny_model(family), prompt_ids)
     assert len(eager) == trace.model.n_layers
     for layer, want in enumerate(eager):
         # full maps are kept as float16
@@ -53,21 +41,6 @@ def test_probe_attention_equals_eager(family, traces, prompt_ids):
         received = trace.key_stats.filter(layer=layer).sort("head", "position")["received"]
         got = torch.tensor(received.to_numpy()).view(want.shape[0], -1)
         torch.testing.assert_close(got, want.sum(1), atol=1e-4, rtol=1e-4)
-
-
-def _rope(model, layer: int, keys: torch.Tensor) -> torch.Tensor:
-    """The model's own rotary embedding applied to keys [Hkv, T, D] at positions 0..T-1."""
-    rotary = model.base_model.rotary_emb
-    positions = torch.arange(keys.shape[1])[None]
-    args = [keys[None].float(), positions]
-    if "layer_type" in inspect.signature(type(rotary).forward).parameters:
-        args.append(model.config.layer_types[layer])
-    with torch.no_grad():
-        cos, sin = rotary(*args)
-    r = cos.shape[-1]  # rotated channels: fewer than head_dim under partial rotary
-    rot, rest = keys[..., :r].float(), keys[..., r:].float()
-    half = torch.cat([-rot[..., r // 2 :], rot[..., : r // 2]], dim=-1)
-    return torch.cat([rot * cos[0] + half * sin[0], rest], dim=-1)
 
 
 @pytest.mark.parametrize("family", [f for f in PROBED if f not in FUSED_QKV])
@@ -78,7 +51,8 @@ def test_post_rope_keys_are_the_rotated_pre_rope_keys(family, traces):
         pre, post = trace.key_pre_rope(layer), trace.key(layer)
         assert pre.shape == post.shape == (trace.model.n_kv_heads, N_TOKENS, trace.model.head_dim)
         assert not torch.allclose(pre, post, atol=1e-3)  # RoPE moved them
-        torch.testing.assert_close(_rope(model, layer, pre), post.float(), atol=1e-5, rtol=1e-5)
+        rotated = apply_rope(model, layer, pre)
+        torch.testing.assert_close(rotated, post.float(), atol=1e-5, rtol=1e-5)
 
 
 def test_partial_rotary_leaves_the_unrotated_channels_alone(traces):
