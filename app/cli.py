@@ -44,14 +44,32 @@ def _read_prompt(args) -> str:
     return args.prompt
 
 
-def cmd_models(_args) -> int:
+def cmd_models(args) -> int:
     from probes.models import list_models
 
+    if args.check:
+        return _check_model(args.check)
     for row in list_models():
         state = "installed" if row["installed"] else f"not installed ({row['install']})"
         if row["converted"]:
             state += ", converted"
         print(f"{row['name']:<14} {state}\n{'':<14} {row['description']}")
+    return 0
+
+
+def _check_model(path: str) -> int:
+    """``kvlens models --check PATH``: which kvlens features that model supports."""
+    from probes.support import FEATURES, check_model
+
+    support = check_model(path)
+    f = support.facts
+    print(
+        f"{f.model_id}: {f.architecture}, {f.n_layers} layers, {f.n_heads} q / "
+        f"{f.n_kv_heads} kv heads, d={f.head_dim}"
+    )
+    for feature, label in FEATURES.items():
+        why = support.missing[feature]
+        print(f"  {label:<64} {'yes' if why is None else 'no: ' + why}")
     return 0
 
 
@@ -535,6 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the embedded models and whether they are installed")
+    p.add_argument(
+        "--check",
+        metavar="PATH",
+        help="which kvlens features this model (folder, .gguf or embedded name) supports",
+    )
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("probe", help="run one forward pass and write a dump folder")
