@@ -1,0 +1,81 @@
+"""What the Compression lab needs to offer a method's parameters as widgets: a help line per
+parameter, the allowed values of enumerations, and checks of the parameters against each
+other and against the trace (a window longer than the prompt, or than the budget that must
+hold it, is refused before minutes of work instead of after). The methods' own ``validate``
+still runs when the spec is built; these checks only add what depends on the prompt."""
+
+from __future__ import annotations
+
+from methods.eviction.base import AVERAGES, SCHEDULES
+from methods.eviction.h2o import NORMALISATIONS
+from probes.errors import KvlensError
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "pooling": ("max", "avg"),
+    "schedule": SCHEDULES,
+    "normalise": NORMALISATIONS,
+    "average": AVERAGES,
+    "key_grouping": ("channel", "token"),
+}
+
+HELP: dict[str, str] = {
+    "budget": "prompt tokens each KV head keeps (a count of tokens, not bytes)",
+    "window": "the last prompt tokens: their queries score the others and they are always kept",
+    "kernel": "width of the pooling over neighbouring scores (odd), so kept tokens come in runs",
+    "pooling": "how neighbouring scores are pooled: max or average",
+    "sinks": "first tokens always kept (attention sinks, StreamingLLM)",
+    "recent": "newest tokens always kept; -1 means half the budget",
+    "schedule": "prefill: evict once after the prompt; continuous: also at every new token",
+    "normalise": "sum: accumulated attention (H2O); mean: divided by how many queries saw it",
+    "average": "average attention over the query heads of a KV group, or of the whole layer",
+    "history": "decoding steps over which importance is counted (Scissorhands)",
+    "bits": "bit width of the quantised codes",
+    "group": "tokens (or channels) sharing one scale and zero point",
+    "residual": "newest tokens kept in 16 bits until a full group can be quantised",
+    "key_grouping": "quantise keys per channel (outlier channels) or per token",
+    "outliers": "fraction of values kept exactly as outliers",
+    "rank": "rank of the low-rank approximation",
+    "value_rank": "rank for values; -1 uses the key rank",
+    "prune": "fraction of key channels dropped",
+    "heads": "fraction of heads treated as retrieval heads (keep everything)",
+    "scores": "head profile file with retrieval scores; empty = measure them",
+    "floor": "share of the budget every head gets before the rest is shared out",
+    "beta": "how steeply budgets fall from lower to higher layers",
+    "threshold": "similarity above which tokens or layers are merged",
+    "start": "first layer merged with the one before; -1 = the second half",
+    "salient": "fraction of tokens stored at the high bit width",
+    "high_bits": "bit width of salient tokens",
+    "low_bits": "bit width of the other tokens",
+    "tau": "temperature of the Gumbel noise on the scores",
+    "seed": "random seed",
+}
+
+# parameters counted in prompt tokens
+TOKEN_COUNTS = ("budget", "window", "sinks", "recent", "residual", "history")
+
+
+def check_against_trace(name: str, params: dict, n_prompt: int) -> list[str]:
+    """Problems of one method's parameters for a prompt of ``n_prompt`` tokens ([] if none).
+
+    Raises KvlensError for settings that contradict each other (a window the budget cannot
+    hold); returns notes for settings that run but change little on this prompt (a budget
+    of at least the prompt's length keeps every token).
+    """
+    notes = []
+    for key in TOKEN_COUNTS:
+        value = params.get(key)
+        if isinstance(value, int) and value >= n_prompt and key != "budget":
+            notes.append(f"{name}: {key}={value} covers the whole {n_prompt}-token prompt")
+    budget, window = params.get("budget"), params.get("window")
+    if isinstance(budget, int) and isinstance(window, int) and window > budget:
+        raise KvlensError(
+            f"{name}: window={window} must be <= budget={budget} (the window is always kept)"
+        )
+    sinks = params.get("sinks")
+    if isinstance(budget, int) and isinstance(sinks, int) and sinks >= budget:
+        raise KvlensError(f"{name}: sinks={sinks} must be < budget={budget}")
+    if isinstance(budget, int) and budget >= n_prompt:
+        notes.append(
+            f"{name}: budget={budget} >= the prompt's {n_prompt} tokens, so nothing is evicted"
+        )
+    return notes
