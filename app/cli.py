@@ -358,6 +358,9 @@ def cmd_app(args) -> int:
         "true",
         "--browser.gatherUsageStats",
         "false",
+        # users see the app, not Streamlit's developer toolbar (Deploy, rerun, settings)
+        "--client.toolbarMode",
+        "viewer",
     ]
     print(f"kvlens app on http://{args.address}:{args.port}", file=sys.stderr)
     return subprocess.call(cmd)

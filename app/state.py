@@ -1,12 +1,16 @@
-"""Shared state of the Streamlit app: the cached model, this user's trace, cached tables.
+"""Shared state of the Streamlit app: the cached model, this user's trace, per-trace results.
 
 The model is a process-wide resource (``st.cache_resource``); the trace and everything
-computed from it live in ``st.session_state`` so users never see each other's work, and a
-page change never recomputes a table it already has.
+computed from it live in ``st.session_state`` so users never see each other's work. Every
+result computed from a trace (tables, a comparison, an X-ray, a UMAP, a report) is stored
+under the id of the trace it came from, so a new probe can never show a stale result.
+Each probed trace is also written to ``cache_dumps/`` so a reload of the tab loses nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +21,12 @@ import streamlit as st
 from probes.errors import KvlensError
 
 DUMPS = Path("cache_dumps")
+RECENT_PREFIX = "recent-"
+KEEP_RECENT = 8
+# Widget keys with these prefixes are form inputs kept across page switches (see keep_inputs);
+# buttons and charts never use them.
+INPUT_PREFIXES = ("probe_", "task_", "lab_", "lb_", "rh_", "hh_", "out_", "cl_kind", "attn_measure")
+NOT_INPUTS = ("_btn",)
 
 
 @st.cache_resource(show_spinner="Loading the model (first time only) ...")
@@ -26,16 +36,27 @@ def model(name: str):
     return load_model(name)
 
 
-def set_trace(trace, label: str) -> None:
+def set_trace(trace, label: str, task=None, dump: str | None = None) -> None:
+    """Make ``trace`` the current one; results of the previous trace are dropped."""
+    trace_id = uuid.uuid4().hex
     st.session_state["trace"] = trace
-    st.session_state["trace_id"] = uuid.uuid4().hex
+    st.session_state["trace_id"] = trace_id
     st.session_state["trace_label"] = label
-    st.session_state["tables"] = {}
-    st.session_state.pop("comparison", None)
+    st.session_state["trace_dump"] = dump
+    st.session_state["results"] = {"trace_id": trace_id, "items": {"task": task}}
 
 
 def trace():
     return st.session_state.get("trace")
+
+
+def trace_id() -> str | None:
+    return st.session_state.get("trace_id") if trace() is not None else None
+
+
+def trace_label() -> str:
+    label = st.session_state.get("trace_label") if trace() is not None else None
+    return f"trace: {label}" if label else "no trace yet"
 
 
 def require_trace():
@@ -46,12 +67,42 @@ def require_trace():
     return t
 
 
+def _items() -> dict:
+    """This trace's results; a store left by another trace is discarded, never read."""
+    store = st.session_state.get("results")
+    current = trace_id()
+    if not isinstance(store, dict) or store.get("trace_id") != current:
+        store = {"trace_id": current, "items": {}}
+        st.session_state["results"] = store
+    return store["items"]
+
+
+def result(name: str) -> Any:
+    """A result computed from the current trace, or None."""
+    return _items().get(name)
+
+
+def put(name: str, value: Any) -> None:
+    """Store a result computed from the current trace."""
+    _items()[name] = value
+
+
+def drop(name: str) -> None:
+    _items().pop(name, None)
+
+
+def task():
+    """The needle task the current trace was probed with, if any."""
+    return result("task")
+
+
 def table(name: str, compute: Callable[[], Any]) -> Any:
     """Compute a table once per trace (per user), then reuse it."""
-    tables = st.session_state.setdefault("tables", {})
-    if name not in tables:
-        tables[name] = compute()
-    return tables[name]
+    items = _items()
+    key = f"table:{name}"
+    if key not in items:
+        items[key] = compute()
+    return items[key]
 
 
 def guarded(fn: Callable[[], Any]) -> Any:
@@ -65,6 +116,17 @@ def guarded(fn: Callable[[], Any]) -> Any:
     except Exception as exc:  # the app must stay up whatever a run does
         st.error(f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}")
     return None
+
+
+def keep_inputs() -> None:
+    """Keep form inputs across page switches.
+
+    Streamlit forgets a widget's value when a run does not draw it; writing the value back
+    into the session state at the top of every run makes it the user's value instead.
+    """
+    for key in list(st.session_state.keys()):
+        if isinstance(key, str) and key.startswith(INPUT_PREFIXES) and not key.endswith(NOT_INPUTS):
+            st.session_state[key] = st.session_state[key]
 
 
 def dump_names() -> list[str]:
@@ -84,13 +146,88 @@ def safe_dump_path(name: str) -> Path:
     return path
 
 
+def autosave(trace, task=None) -> str:
+    """Write ``trace`` (and its task) to ``cache_dumps/recent-...``; keep the newest few."""
+    if task is not None:
+        trace.settings["task"] = dataclasses.asdict(task)
+    name = f"{RECENT_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    trace.save(safe_dump_path(name))
+    for old in recent_dumps()[KEEP_RECENT:]:
+        import shutil
+
+        shutil.rmtree(DUMPS / old["name"], ignore_errors=True)
+    return name
+
+
+def recent_dumps() -> list[dict]:
+    """Auto-saved traces, newest first: name, model, tokens, prompt head."""
+    from probes.dump import read_manifest
+
+    rows = []
+    if not DUMPS.is_dir():
+        return rows
+    for path in sorted(DUMPS.glob(f"{RECENT_PREFIX}*"), reverse=True):
+        try:
+            m = read_manifest(path)
+        except KvlensError:
+            continue
+        rows.append(
+            {
+                "name": path.name,
+                "created": m.get("created", ""),
+                "model": m["model"].get("model_id", "?"),
+                "tokens": len(m["token_ids"]),
+                "prompt": " ".join(m["prompt"].split())[:80],
+            }
+        )
+    return rows
+
+
+def task_of(trace):
+    """The needle task saved with a dump, rebuilt; None for a free prompt."""
+    from probes.tasks import Task
+
+    saved = trace.settings.get("task")
+    if not isinstance(saved, dict):
+        return None
+    try:
+        return Task(**saved)
+    except TypeError:
+        return None
+
+
+def open_dump(name: str) -> None:
+    """Load a saved dump and make it the current trace."""
+    from probes import Trace
+
+    t = Trace.load(safe_dump_path(name))
+    set_trace(t, f"dump {name}", task=task_of(t), dump=name)
+    st.session_state["model_name"] = t.model.model_id
+
+
 def head_selector(key: str, n_layers: int, n_heads: int, event=None) -> tuple[int, int]:
-    """Layer/head chosen by clicking a heatmap cell (``event``) or by the number inputs."""
-    if event and getattr(event, "selection", None) and event.selection.get("points"):
-        point = event.selection["points"][0]
-        st.session_state[f"{key}_layer"] = int(point["y"])
-        st.session_state[f"{key}_head"] = int(point["x"])
+    """Layer/head chosen by clicking a heatmap cell (``event``) or by the number inputs.
+
+    A click is applied once (when the selection changes), so the number inputs stay usable
+    while the cell remains selected.
+    """
+    points = []
+    if event and getattr(event, "selection", None):
+        points = event.selection.get("points") or []
+    if points:
+        point = points[0]
+        click = (int(point["y"]), int(point["x"]))
+        if st.session_state.get(f"{key}_click") != click:
+            st.session_state[f"{key}_click"] = click
+            st.session_state[f"{key}_layer"], st.session_state[f"{key}_head"] = click
+    for name, top in ((f"{key}_layer", n_layers - 1), (f"{key}_head", n_heads - 1)):
+        if name in st.session_state:
+            st.session_state[name] = max(0, min(top, int(st.session_state[name])))
     c1, c2 = st.columns(2)
-    layer = c1.number_input("layer", 0, n_layers - 1, key=f"{key}_layer")
-    head = c2.number_input("head", 0, n_heads - 1, key=f"{key}_head")
+    layer = c1.number_input(
+        "layer", 0, n_layers - 1, key=f"{key}_layer", help="click a cell of the heatmap, or type"
+    )
+    head = c2.number_input(
+        "head", 0, n_heads - 1, key=f"{key}_head", help="click a cell of the heatmap, or type"
+    )
     return int(layer), int(head)

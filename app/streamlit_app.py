@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from app import state
 from pages import (
     attention,
     compression_lab,
@@ -17,9 +18,12 @@ from pages import (
 )
 
 st.set_page_config(page_title="kvlens", layout="wide")
+state.keep_inputs()
 
 PAGES = [
-    st.Page(probe.render, title="Probe", url_path="probe", default=True),
+    # The first page is served at "/"; the hidden twin makes "/probe" a working deep link.
+    st.Page(probe.render, title="Probe", url_path="start", default=True),
+    st.Page(probe.render, title="Probe", url_path="probe", visibility="hidden"),
     st.Page(attention.render, title="Attention", url_path="attention"),
     st.Page(heavy_hitters.render, title="Heavy hitters", url_path="heavy-hitters"),
     st.Page(retrieval_heads.render, title="Retrieval heads", url_path="retrieval-heads"),
@@ -30,7 +34,10 @@ PAGES = [
     st.Page(report.render, title="Report", url_path="report"),
 ]
 
+page = st.navigation(PAGES)
 with st.sidebar:
-    label = st.session_state.get("trace_label")
-    st.caption(f"trace: {label}" if label else "no trace yet")
-st.navigation(PAGES).run()
+    label = st.empty()
+label.caption(state.trace_label())
+page.run()
+# the page may have made a new trace: the label is written again after it ran
+label.caption(state.trace_label())

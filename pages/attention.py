@@ -1,4 +1,4 @@
-"""Attention page: a layer x head overview, one head's map, and a token view."""
+"""Attention page: a layer x head overview (click a head), one head's map, and a token view."""
 
 from __future__ import annotations
 
@@ -6,6 +6,12 @@ import polars as pl
 import streamlit as st
 
 from app import figures, state
+
+MEASURES = {
+    "entropy": "spread of a head's attention (high = spread out, low = focused on few tokens)",
+    "sink_mass": "attention mass on the first tokens: attention sinks (Xiao et al., StreamingLLM)",
+    "local_mass": "attention mass on nearby tokens: local heads, which a sliding window serves",
+}
 
 
 def render() -> None:
@@ -21,13 +27,23 @@ def render() -> None:
         ),
     )
     measure = st.radio(
-        "overview", ["entropy", "sink_mass", "local_mass"], horizontal=True, key="attn_measure"
+        "overview",
+        list(MEASURES),
+        horizontal=True,
+        key="attn_measure",
+        help="; ".join(f"{k}: {v}" for k, v in MEASURES.items()),
     )
     event = st.plotly_chart(
-        figures.layer_head_heatmap(overview, measure, f"mean {measure} per head (click a head)"),
+        figures.layer_head_heatmap(
+            overview, measure, f"mean {measure} per head (click a head)", clickable=True
+        ),
         on_select="rerun",
         selection_mode="points",
         key="attn_grid",
+    )
+    st.caption(
+        f"One cell per query head, averaged over the prompt's queries: {MEASURES[measure]}. "
+        "Click a cell to show that head below."
     )
     layer, head = state.head_selector("attn", trace.model.n_layers, trace.model.n_heads, event)
     name = f"layers.{layer}.attn"
@@ -35,10 +51,21 @@ def render() -> None:
     if name in trace.tensors:
         probs = trace.tensors[name][head].float().numpy()
         st.plotly_chart(
-            figures.attention_map(probs, trace.tokens[:n], f"layer {layer}, head {head}"),
+            figures.attention_map(probs[:n, :n], trace.tokens[:n], f"layer {layer}, head {head}"),
             key="attn_map",
         )
-        query = st.slider("query token", 0, n - 1, n - 1, key="attn_query")
+        st.caption(
+            "Row = a query token, column = a token it attends to; darker = more attention. "
+            "Causal, so nothing above the diagonal. A dark first column is an attention sink."
+        )
+        query = st.slider(
+            "query token",
+            0,
+            n - 1,
+            n - 1,
+            key="attn_query",
+            help="the token whose attention row is shown below",
+        )
         row = probs[query, : query + 1]
         st.plotly_chart(
             figures.token_scores(
@@ -46,9 +73,11 @@ def render() -> None:
                 trace.tokens,
                 row.tolist(),
                 f"what token {query} ({trace.tokens[query]!r}) attends to",
+                y_title="attention probability",
             ),
             key="attn_row",
         )
+        st.caption("One row of the map above as bars; hover a bar for its token.")
     else:
         st.caption(
             "full maps were not captured (long prompt or attention=stats): showing statistics"
@@ -60,6 +89,11 @@ def render() -> None:
             trace.tokens,
             keys["received_norm"].to_list(),
             f"attention received per token, layer {layer} head {head} (normalised)",
+            y_title="attention received (normalised)",
         ),
         key="attn_received",
+    )
+    st.caption(
+        "Attention each token receives from later queries, divided by how many queries see "
+        "it: the score H2O (Zhang et al., 2023) keeps tokens by. Tall bars are heavy hitters."
     )

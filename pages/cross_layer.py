@@ -14,23 +14,41 @@ def render() -> None:
     if not any(n.endswith(".key") for n in trace.tensors):
         st.info("this trace has no keys/values")
         return
-    kind = st.radio("tensor", ["key", "value"], horizontal=True, key="cl_kind")
+    kind = st.radio(
+        "tensor",
+        ["key", "value"],
+        horizontal=True,
+        key="cl_kind",
+        help="compare the layers' cached keys (after RoPE) or values",
+    )
     sim = state.table(f"sim_{kind}", lambda: cross_layer.pair_similarity(trace, kind))
     c1, c2 = st.columns(2)
     c1.plotly_chart(
         figures.layer_layer(sim, "cosine", f"per-token cosine between layers ({kind})"),
         key="cl_cos",
     )
+    c1.caption(
+        "Mean cosine between the same token's vectors in two layers: blue = alike, red = "
+        "opposite. MiniCache (Liu et al., 2024) merges adjacent layers where this is high."
+    )
     c2.plotly_chart(figures.adjacent_curve(sim, "cosine", "adjacent layers"), key="cl_adj")
+    c2.caption("The diagonal next to the main one: each layer against the next.")
     cka = state.table(f"cka_{kind}", lambda: cross_layer.cka(trace, kind))
     st.plotly_chart(figures.layer_layer(cka, "cka", f"linear CKA ({kind})"), key="cl_cka")
+    st.caption(
+        "Linear CKA (Kornblith et al., 2019): 1 = the layers hold the same information up to "
+        "a rotation and scale, even when the cosines differ; the basis of xKV's shared subspace."
+    )
     st.subheader("UMAP of key vectors")
     c1, c2 = st.columns(2)
+    n_layers, n_kv = trace.model.n_layers, trace.model.n_kv_heads
     layer = c1.number_input(
-        "layer", 0, trace.model.n_layers - 1, min(10, trace.model.n_layers - 1), key="cl_layer"
+        "layer", 0, n_layers - 1, min(10, n_layers - 1), key="cl_layer", help="layer to map"
     )
-    kv_head = c2.number_input("KV head", 0, trace.model.n_kv_heads - 1, 0, key="cl_head")
-    if st.button("Compute UMAP", key="cl_umap"):
+    kv_head = c2.number_input(
+        "KV head", 0, n_kv - 1, 0, key="cl_head", help="KV head whose keys are mapped"
+    )
+    if st.button("Compute UMAP", key="cl_umap_btn", help="about a minute the first time"):
 
         def run():
             heavy = set()
@@ -38,13 +56,20 @@ def render() -> None:
                 top = heavy_hitters.top_k(trace, 16).filter(layer=int(layer), kv_head=int(kv_head))
                 heavy = set(top["position"].to_list())
             with st.spinner("UMAP ..."):
-                st.session_state["umap"] = cross_layer.umap_keys(
-                    trace, int(layer), int(kv_head), heavy
-                )
+                result = cross_layer.umap_keys(trace, int(layer), int(kv_head), heavy)
+            state.put("umap", {"layer": int(layer), "kv_head": int(kv_head), "table": result})
 
         state.guarded(run)
-    if "umap" in st.session_state:
+    umap = state.result("umap")
+    if umap is not None:
         st.plotly_chart(
-            figures.umap_scatter(st.session_state["umap"], "keys, coloured by position"),
+            figures.umap_scatter(
+                umap["table"],
+                f"keys of layer {umap['layer']}, KV head {umap['kv_head']}, coloured by position",
+            ),
             key="cl_umap_fig",
+        )
+        st.caption(
+            "Each dot is one token's key vector, placed by UMAP (McInnes et al., 2018) so that "
+            "similar keys sit close; colour = position, diamonds = the top-16 heavy hitters."
         )

@@ -16,12 +16,23 @@ def render() -> None:
         st.info("this trace has no attention statistics")
         return
     c1, c2 = st.columns(2)
-    k = c1.slider("top k", 4, 64, 16, key="hh_k")
-    by = c2.radio("score", list(heavy_hitters.SCORES), horizontal=True, key="hh_by", index=1)
+    k = c1.slider(
+        "top k", 4, 64, 16, key="hh_k", help="how many of the heaviest tokens count as heavy"
+    )
+    by = c2.radio(
+        "score",
+        list(heavy_hitters.SCORES),
+        horizontal=True,
+        key="hh_by",
+        index=1,
+        help="received: attention summed over queries (H2O); received_norm: divided by how "
+        "many queries can see the token, so early tokens are not favoured by position alone; "
+        "window: attention from the last queries only (SnapKV's observation window)",
+    )
     top = state.table(f"hh_model_{by}", lambda: heavy_hitters.model_top(trace, 30, by))
     st.subheader("Heaviest tokens (mean over layers and heads)")
     st.dataframe(top.head(k), hide_index=True)
-    scores = state.table(f"hh_scores_{by}", lambda: heavy_hitters.token_scores(trace))
+    scores = state.table("hh_scores", lambda: heavy_hitters.token_scores(trace))
     mean = scores.group_by("position").agg(pl.col(by).mean()).sort("position")
     st.plotly_chart(
         figures.token_scores(
@@ -30,8 +41,13 @@ def render() -> None:
             mean[by].to_list(),
             f"{by} per token, mean over heads",
             highlight=set(top.head(k)["position"].to_list()),
+            y_title=by,
         ),
         key="hh_bar",
+    )
+    st.caption(
+        f"Attention each token receives, averaged over all heads; the top {k} in blue. A few "
+        "tokens draw most of the attention: the heavy hitters H2O (Zhang et al., 2023) keeps."
     )
     sinks = state.table("hh_sinks", lambda: heavy_hitters.sinks(trace))
     st.plotly_chart(
@@ -40,12 +56,20 @@ def render() -> None:
         ),
         key="hh_sinks",
     )
+    st.caption(
+        "Per head, the share of attention on the first tokens whatever they say: attention "
+        "sinks (Xiao et al., 2023, StreamingLLM keeps them). Bright = a sink-heavy head."
+    )
     overlap = state.table(
         f"hh_layer_overlap_{k}_{by}", lambda: heavy_hitters.layer_overlap(trace, k, by)
     )
     st.plotly_chart(
         figures.layer_layer(overlap, "jaccard", f"top-{k} overlap between layers (Jaccard)"),
         key="hh_overlap",
+    )
+    st.caption(
+        "How much two layers agree on their top tokens (1 = the same set). High overlap means "
+        "one selection can serve several layers; PyramidKV and MiniCache rely on it."
     )
     if trace.step_stats is not None:
         pers = state.table(f"hh_persistence_{k}", lambda: heavy_hitters.persistence(trace, k))
@@ -54,6 +78,11 @@ def render() -> None:
                 pers, "persistence", f"top-{k} persistence between decoding steps"
             ),
             key="hh_pers",
+        )
+        st.caption(
+            "Per head, the share of its top tokens that stay on top from one generated token "
+            "to the next: the persistence of importance (Liu et al., 2023, Scissorhands). "
+            "High = evicting by past attention is safe for this head."
         )
     else:
         st.caption("persistence needs decoding steps: probe with 'generate tokens' > 0")

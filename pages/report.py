@@ -14,22 +14,26 @@ def render() -> None:
         "One self-contained HTML file: prompt, model facts, every analysis figure and table, "
         "and the last comparison. It opens offline."
     )
-    if st.button("Build report", type="primary", key="report_build"):
+    if st.button(
+        "Build report",
+        type="primary",
+        key="report_build_btn",
+        help="runs every analysis on the current trace; a minute on long traces",
+    ):
 
         def build():
             from app.report import build_report
 
             with st.spinner("building the report ..."):
-                st.session_state["report_html"] = build_report(
-                    trace, st.session_state.get("comparison")
-                )
+                state.put("report_html", build_report(trace, state.result("comparison")))
 
         state.guarded(build)
-    if "report_html" in st.session_state:
+    report_html = state.result("report_html")
+    if report_html is not None:
         st.download_button(
             "Download report.html",
-            st.session_state["report_html"],
+            report_html,
             file_name="kvlens-report.html",
             mime="text/html",
-            key="report_download",
+            key="report_download_btn",
         )

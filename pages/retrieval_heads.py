@@ -11,11 +11,23 @@ from app import figures, state
 def render() -> None:
     st.title("Retrieval heads")
     c1, c2, c3 = st.columns(3)
-    lengths = c1.text_input("needle lengths (tokens)", "256,512", key="rh_lengths")
-    depths = c2.text_input("depths", "0.2,0.8", key="rh_depths")
-    seed = c3.number_input("seed", 0, 1000, 0, key="rh_seed")
+    lengths = c1.text_input(
+        "needle lengths (tokens)",
+        "256,512",
+        key="rh_lengths",
+        help="comma-separated haystack lengths; one needle prompt per length and depth",
+    )
+    depths = c2.text_input(
+        "depths",
+        "0.2,0.8",
+        key="rh_depths",
+        help="comma-separated needle depths in [0, 1] (0 = start of the text, 1 = end)",
+    )
+    seed = c3.number_input(
+        "seed", 0, 1000, 0, key="rh_seed", help="another seed gives other filler and numbers"
+    )
     model_name = st.session_state.get("model_name", "smollm2-135m")
-    if st.button("Detect retrieval heads", type="primary", key="rh_run"):
+    if st.button("Detect retrieval heads", type="primary", key="rh_run_btn"):
 
         def run():
             from app.jobs import find_retrieval_heads
@@ -35,21 +47,34 @@ def render() -> None:
                 done["n"] += 1
                 bar.progress(min(1.0, done["n"] / total), text=name)
 
-            st.session_state["retrieval"] = find_retrieval_heads(
+            scores = find_retrieval_heads(
                 model, tokenizer, ls, ds, seed=int(seed), progress=progress
             )
+            st.session_state.setdefault("retrieval", {})[model_name] = scores
             bar.empty()
 
         state.guarded(run)
-    scores = st.session_state.get("retrieval")
+    scores = st.session_state.get("retrieval", {}).get(model_name)
     if scores is None:
-        st.info("run the detection to see scores")
+        st.info(f"run the detection to see the scores of {model_name}")
     else:
         measure = st.radio(
-            "score", ["retrieval", "echo", "induction"], horizontal=True, key="rh_measure"
+            "score",
+            ["retrieval", "echo", "induction"],
+            horizontal=True,
+            key="rh_measure",
+            help="retrieval: copies from the needle (Wu et al., 2024); echo: attends to the "
+            "earlier copy of the current token; induction: to the token after it",
         )
         st.plotly_chart(
-            figures.layer_head_heatmap(scores, measure, f"{measure} score per head"), key="rh_map"
+            figures.layer_head_heatmap(scores, measure, f"{model_name}: {measure} score per head"),
+            key="rh_map",
+        )
+        st.caption(
+            "Retrieval score (Wu et al., 2024): how often a head's strongest attention lands on "
+            "the needle token the model is copying while it answers. Echo and induction "
+            "scores on a repeated random sequence (RazorAttention, Tang et al., 2024). "
+            "Bright heads are the ones head-aware methods (Razor, Duo) keep whole."
         )
         st.dataframe(scores.sort(measure, descending=True).head(10), hide_index=True)
     _profiles_section()
@@ -61,7 +86,7 @@ def _profiles_section() -> None:
     st.header("Head profiles")
     folder = state.DUMPS / "profiles"
     model_name = st.session_state.get("model_name", "smollm2-135m")
-    if st.button(f"Compute and save the profile of {model_name}", key="hp_make"):
+    if st.button(f"Compute and save the profile of {model_name}", key="hp_make_btn"):
 
         def make():
             from app.jobs import head_profile
@@ -83,13 +108,25 @@ def _profiles_section() -> None:
         )
         return
     c1, c2 = st.columns(2)
-    a_name = c1.selectbox("profile A", files, key="hp_a")
-    b_name = c2.selectbox("profile B", files, index=min(1, len(files) - 1), key="hp_b")
+    a_name = c1.selectbox("profile A", files, key="hp_a", help="a saved head profile")
+    b_name = c2.selectbox(
+        "profile B",
+        files,
+        index=min(1, len(files) - 1),
+        key="hp_b",
+        help="another profile to compare with A",
+    )
 
     def show():
         a, b = read_profile(folder / a_name), read_profile(folder / b_name)
         st.dataframe(type_shares(pl.concat([a, b], how="vertical_relaxed")), hide_index=True)
-        measure = st.radio("measure", list(MEASURES), horizontal=True, key="hp_measure")
+        measure = st.radio(
+            "measure",
+            list(MEASURES),
+            horizontal=True,
+            key="hp_measure",
+            help="one of the profile's per-head measures",
+        )
         left, right = st.columns(2)
         left.plotly_chart(
             figures.layer_head_heatmap(a, measure, f"{a['model'][0]}: {measure}"), key="hp_left"
@@ -97,6 +134,7 @@ def _profiles_section() -> None:
         right.plotly_chart(
             figures.layer_head_heatmap(b, measure, f"{b['model'][0]}: {measure}"), key="hp_right"
         )
+        st.caption("The same measure per head for the two models, side by side.")
         st.dataframe(compare_profiles(a, b), hide_index=True)
 
     state.guarded(show)
