@@ -152,25 +152,13 @@ def build_report(
     if comparison:
         results = comparison["results"]
         parts.append("<h2>Compression comparison</h2>")
+        columns = ["spec", "text", "kl_mean", "top1", "ppl", "accuracy", "bytes_ratio", "time_s"]
+        if all(r.get("accuracy") is None for r in results):
+            columns.remove("accuracy")  # a free prompt has no answer to score
+        parts.append(_table([{k: r[k] for k in columns} for r in results]))
         parts.append(
-            _table(
-                [
-                    {
-                        k: r[k]
-                        for k in (
-                            "spec",
-                            "text",
-                            "kl_mean",
-                            "top1",
-                            "ppl",
-                            "accuracy",
-                            "bytes_ratio",
-                            "time_s",
-                        )
-                    }
-                    for r in results
-                ]
-            )
+            "<p>bytes_ratio: bytes held vs the full cache, as a 16-bit server holds them. "
+            "KL and top-1: next-token distributions vs the full cache, teacher forced.</p>"
         )
         parts.append(_figure(figures.kl_curves(results, "per-step KL vs the full cache")))
         parts.append(_figure(figures.memory_quality(results, "memory vs quality")))

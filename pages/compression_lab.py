@@ -223,7 +223,7 @@ def _show_comparison(comparison: dict) -> None:
         pick = st.selectbox(
             "kept tokens of",
             [r["spec"] for r in methods],
-            key="lab_kept",
+            key="kept_pick",
             help="an eviction method's kept tokens per layer and KV head",
         )
         r = next(x for x in methods if x["spec"] == pick)

@@ -12,7 +12,7 @@ def render() -> None:
     trace = state.require_trace()
     st.write(
         "One self-contained HTML file: prompt, model facts, every analysis figure and table, "
-        "and the last comparison. It opens offline."
+        "the retrieval heads if detected, and the last comparison. It opens offline."
     )
     if st.button(
         "Build report",
@@ -25,7 +25,13 @@ def render() -> None:
             from app.report import build_report
 
             with st.spinner("building the report ..."):
-                state.put("report_html", build_report(trace, state.result("comparison")))
+                retrieval = st.session_state.get("retrieval", {}).get(
+                    st.session_state.get("model_name")
+                )
+                state.put(
+                    "report_html",
+                    build_report(trace, state.result("comparison"), retrieval=retrieval),
+                )
 
         state.guarded(build)
     report_html = state.result("report_html")
@@ -36,4 +42,5 @@ def render() -> None:
             file_name="kvlens-report.html",
             mime="text/html",
             key="report_download_btn",
+            help="one HTML file with plotly embedded; opens offline",
         )

@@ -27,7 +27,12 @@ def render() -> None:
         "seed", 0, 1000, 0, key="rh_seed", help="another seed gives other filler and numbers"
     )
     model_name = st.session_state.get("model_name", "smollm2-135m")
-    if st.button("Detect retrieval heads", type="primary", key="rh_run_btn"):
+    if st.button(
+        "Detect retrieval heads",
+        type="primary",
+        key="rh_run_btn",
+        help="probes one needle prompt per length and depth, then a repeated random sequence",
+    ):
 
         def run():
             from app.jobs import find_retrieval_heads
@@ -86,7 +91,12 @@ def _profiles_section() -> None:
     st.header("Head profiles")
     folder = state.DUMPS / "profiles"
     model_name = st.session_state.get("model_name", "smollm2-135m")
-    if st.button(f"Compute and save the profile of {model_name}", key="hp_make_btn"):
+    if st.button(
+        f"Compute and save the profile of {model_name}",
+        key="hp_make_btn",
+        help="retrieval, echo/induction, sink, locality and entropy per head, saved in "
+        "cache_dumps/profiles/ to compare models",
+    ):
 
         def make():
             from app.jobs import head_profile

@@ -71,6 +71,7 @@ def test_page_renders_without_error(page, trace, in_tmp):
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
     assert at.title[0].value
+    assert [w.label for w in _widgets(at) if not w.help] == []  # every control explains itself
 
 
 def test_pages_without_a_trace_say_so():
@@ -102,6 +103,7 @@ def _widgets(at: AppTest) -> list:
         *at.button,
         *at.radio,
         *at.text_area,
+        *at.checkbox,
     ]
 
 
