@@ -4,7 +4,8 @@ Every model kvlens loads runs ``attn_implementation="kvlens"``. The function com
 attention output (SDPA when nothing is being recorded) and, while a probe is active in the
 calling context, records post-RoPE keys, values and attention statistics for the layers the
 probe asked for. Pre-RoPE keys come from forward hooks on each layer's key projection
-(``k_proj``, followed by the model's own ``k_norm`` where it has one), installed once per model and
+(``k_proj``, or the key part of a fused ``qkv_proj`` / ``query_key_value``, followed by the
+model's own ``k_norm`` where it has one), installed once per model and
 inert unless a probe is active. Recording state lives in a ``ContextVar``, so two threads
 (two app users) probing one cached model never see each other's recordings.
 """
@@ -260,8 +261,31 @@ def register_kvlens_attention() -> None:
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The self-attention module of every layer, in layer order."""
-    found = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
+    found = [m for m in model.modules() if hasattr(m, "layer_idx") and _key_source(m)]
     return sorted(found, key=lambda m: m.layer_idx)
+
+
+def _head_dim(attn: torch.nn.Module) -> int:
+    return int(getattr(attn, "head_dim", None) or attn.head_size)  # GPT-NeoX: head_size
+
+
+def _key_source(attn: torch.nn.Module):
+    """The module whose output holds the layer's pre-RoPE keys, and how to take them out of
+    one sequence's output [T, F] as [T, Hkv * D]; None where there is no such module."""
+    if hasattr(attn, "k_proj"):
+        return attn.k_proj, lambda out: out
+    if hasattr(attn, "qkv_proj") and hasattr(attn, "num_key_value_heads"):
+        # Phi-3: [all queries | all keys | all values] along the features
+        start = attn.config.num_attention_heads * _head_dim(attn)
+        stop = start + attn.num_key_value_heads * _head_dim(attn)
+        return attn.qkv_proj, lambda out: out[:, start:stop]
+    if hasattr(attn, "query_key_value") and hasattr(attn, "head_size"):
+        # GPT-NeoX: [query | key | value] within each head's 3 * D features
+        d = attn.head_size
+        return attn.query_key_value, lambda out: out.reshape(out.shape[0], -1, 3 * d)[
+            ..., d : 2 * d
+        ].reshape(out.shape[0], -1)
+    return None
 
 
 def install_key_hooks(model: torch.nn.Module) -> None:
@@ -269,12 +293,14 @@ def install_key_hooks(model: torch.nn.Module) -> None:
     if getattr(model, "_kvlens_hooked", False):
         return
     for attn in attention_modules(model):
-        attn.k_proj.register_forward_hook(_make_key_hook(attn))
+        module, _ = _key_source(attn)
+        module.register_forward_hook(_make_key_hook(attn))
     model._kvlens_hooked = True
 
 
 def _make_key_hook(attn: torch.nn.Module):
-    layer, head_dim = attn.layer_idx, attn.head_dim
+    layer, head_dim = attn.layer_idx, _head_dim(attn)
+    _, keys_of = _key_source(attn)
     key_norm = getattr(attn, "k_norm", None)  # a norm per token: applying it here is exact
     # per head (Qwen 3, Gemma 3) or over all KV heads' projection at once (OLMo 2)
     norm_size = getattr(getattr(key_norm, "weight", None), "numel", lambda: head_dim)()
@@ -284,7 +310,7 @@ def _make_key_hook(attn: torch.nn.Module):
         rec = _RECORDER.get()
         if rec is None or not rec.kv or not rec.wants(layer):
             return
-        t = out[0]  # first sequence: [T, Hkv * D]
+        t = keys_of(out[0])  # first sequence: [T, Hkv * D]
         with torch.no_grad():
             if whole:
                 t = key_norm(t)

@@ -84,7 +84,7 @@ class ModelFacts:
     dtype: str
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None
-    #: False where the model has no separate key projection to hook (fused q/k/v projections)
+    #: False where the model has no key projection kvlens can hook
     pre_rope_keys: bool = True
 
     def to_json(self) -> dict:
@@ -134,25 +134,16 @@ def model_facts(model) -> ModelFacts:
 def missing_key_projection(model) -> str | None:
     """Why pre-RoPE keys cannot be hooked on ``model``, or None when they can.
 
-    kvlens hooks each layer's separate key projection (``k_proj``). Models that compute
-    queries, keys and values in one fused projection (GPT-NeoX's ``query_key_value``,
-    Phi-3's ``qkv_proj``) have no such module to hook.
+    kvlens hooks each layer's key projection: ``k_proj``, or the key part of a fused
+    projection it knows the layout of (Phi-3's ``qkv_proj``, GPT-NeoX's ``query_key_value``).
     """
     from probes.attention import attention_modules
 
     if attention_modules(model):
         return None
-    fused = sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, _ in model.named_modules()
-            if name.rsplit(".", 1)[-1] in ("query_key_value", "qkv_proj", "c_attn", "Wqkv")
-        }
-    )
-    how = f"a fused {'/'.join(fused)} projection" if fused else "no k_proj module"
     return (
-        f"{type(model).__name__} computes its keys in {how}, with no separate key projection "
-        "(k_proj) to hook, so kvlens records no pre-RoPE keys for it"
+        f"{type(model).__name__} has no key projection kvlens can hook (k_proj, or a "
+        "qkv_proj / query_key_value of known layout), so kvlens records no pre-RoPE keys for it"
     )
 
 

@@ -127,8 +127,9 @@ class Trace:
 
             if kind == "key_pre_rope" and not self.model.pre_rope_keys:
                 raise KvlensError(
-                    f"{self.model.architecture} has no separate key projection (k_proj) to "
-                    "hook, so this trace has no pre-RoPE keys; post-RoPE keys are in 'key'"
+                    f"{self.model.architecture} has no key projection kvlens can hook (k_proj "
+                    "or a known fused qkv), so this trace has no pre-RoPE keys; post-RoPE keys "
+                    "are in 'key'"
                 )
             raise KvlensError(f"this trace has no {name} (captured layers: {self.layers})")
         return self.tensors[name]

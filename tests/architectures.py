@@ -33,7 +33,8 @@ def _configs() -> dict[str, tuple[str, dict]]:
 
     ``phi`` (Phi-1/2) has a separate key projection and rotates half of each head's channels:
     the partial-rotary family whose pre-RoPE keys kvlens can hook. ``gpt_neox`` rotates a
-    quarter, through a fused q/k/v projection.
+    quarter, through a fused q/k/v projection. ``gpt2`` has learned absolute positions (no
+    RoPE) and a fused ``c_attn``: the family without a key projection kvlens can hook.
     """
     return {
         "llama": ("LlamaConfig", "LlamaForCausalLM", {**SMALL}),
@@ -78,6 +79,19 @@ def _configs() -> dict[str, tuple[str, dict]]:
                 "num_attention_heads": 4,
                 "max_position_embeddings": 512,
                 "rotary_pct": 0.25,
+            },
+        ),
+        "gpt2": (
+            "GPT2Config",
+            "GPT2LMHeadModel",
+            {
+                "vocab_size": VOCAB,
+                "n_embd": 64,
+                "n_layer": 2,
+                "n_head": 4,
+                "n_positions": 512,
+                "bos_token_id": 0,
+                "eos_token_id": 0,
             },
         ),
         "deepseek_v3": (

@@ -2,7 +2,8 @@
 
 For every family (tests/architectures.py): the attention kvlens records equals the model's own
 eager attention (``output_attentions``), post-RoPE keys are the model's rotary embedding
-applied to the recorded pre-RoPE keys (partial rotary included), and a dump reads back equal.
+applied to the recorded pre-RoPE keys (partial rotary and fused q/k/v projections included),
+and a dump reads back equal.
 Families kvlens cannot serve raise one clear line.
 """
 
@@ -16,7 +17,7 @@ from tests.architectures import FAMILIES, apply_rope, eager_attentions, tiny_mod
 from tests.conftest import passage
 
 PROBED = [f for f in FAMILIES if f != "deepseek_v3"]
-FUSED_QKV = ("phi3", "gpt_neox")  # one fused q/k/v projection: no k_proj to hook
+NO_KEY_PROJECTION = ("gpt2",)  # a fused c_attn of its own layout (and no RoPE at all)
 N_TOKENS = 40  # longer than the windowed families' window of 16
 
 
@@ -43,7 +44,7 @@ def test_probe_attention_equals_eager(family, traces, prompt_ids):
         torch.testing.assert_close(got, want.sum(1), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", [f for f in PROBED if f not in FUSED_QKV])
+@pytest.mark.parametrize("family", [f for f in PROBED if f not in NO_KEY_PROJECTION])
 def test_post_rope_keys_are_the_rotated_pre_rope_keys(family, traces):
     trace, model = traces[family], tiny_model(family)
     assert trace.model.pre_rope_keys
@@ -55,21 +56,21 @@ def test_post_rope_keys_are_the_rotated_pre_rope_keys(family, traces):
         torch.testing.assert_close(rotated, post.float(), atol=1e-5, rtol=1e-5)
 
 
-def test_partial_rotary_leaves_the_unrotated_channels_alone(traces):
-    trace = traces["phi"]
-    rotated = tiny_model("phi").model.layers[0].self_attn.rotary_ndims
-    assert 0 < rotated < trace.model.head_dim
-    pre, post = trace.key_pre_rope(0), trace.key(0)
-    assert torch.equal(pre[..., rotated:], post[..., rotated:])
-    assert not torch.allclose(pre[..., :rotated], post[..., :rotated], atol=1e-3)
-
-
-@pytest.mark.parametrize("family", FUSED_QKV)
-def test_fused_projection_says_why_there_are_no_pre_rope_keys(family, traces):
+@pytest.mark.parametrize("family", ["phi", "gpt_neox"])
+def test_partial_rotary_leaves_the_unrotated_channels_alone(family, traces):
     trace = traces[family]
+    attn = next(m for m in tiny_model(family).modules() if hasattr(m, "rotary_ndims"))
+    assert 0 < attn.rotary_ndims < trace.model.head_dim
+    pre, post = trace.key_pre_rope(0), trace.key(0)
+    assert torch.equal(pre[..., attn.rotary_ndims :], post[..., attn.rotary_ndims :])
+    assert not torch.allclose(pre[..., : attn.rotary_ndims], post[..., : attn.rotary_ndims])
+
+
+def test_without_a_hookable_key_projection_the_trace_says_why(traces):
+    trace = traces["gpt2"]
     assert not trace.model.pre_rope_keys
-    assert trace.key(0).shape[-1] == trace.model.head_dim  # post-RoPE keys are recorded
-    with pytest.raises(KvlensError, match=r"no separate key projection \(k_proj\)") as err:
+    assert trace.key(0).shape[-1] == trace.model.head_dim  # keys as attention saw them
+    with pytest.raises(KvlensError, match="no key projection kvlens can hook") as err:
         trace.key_pre_rope(0)
     assert "\n" not in str(err.value)
 

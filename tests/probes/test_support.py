@@ -25,9 +25,10 @@ EXPECTED_MISSING = {  # family -> features kvlens refuses for it (the README's m
     "gemma2": {"compare", "xray"},
     "gemma3": set(),
     "phi": set(),
-    "phi3": {"key_pre_rope"},
+    "phi3": set(),
     "olmo2": set(),
-    "gpt_neox": {"key_pre_rope"},
+    "gpt_neox": set(),
+    "gpt2": {"key_pre_rope"},
 }
 
 
@@ -54,15 +55,15 @@ def test_latent_attention_is_refused_from_the_config(tmp_path):
 
 
 def test_cli_check_prints_the_features_of_one_model(tmp_path):
-    folder = _config_folder("gpt_neox", tmp_path / "neox")
+    folder = _config_folder("gpt2", tmp_path / "gpt2")
     t0 = time.perf_counter()
     result = run("models", "--check", str(folder))
     elapsed = time.perf_counter() - t0
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "GPTNeoXForCausalLM" in lines[0]
+    assert "GPT2LMHeadModel" in lines[0]
     row = next(x for x in lines if x.strip().startswith(FEATURES["key_pre_rope"]))
-    assert "no: " in row and "k_proj" in row
+    assert "no: " in row and "no key projection kvlens can hook" in row
     row = next(x for x in lines if x.strip().startswith(FEATURES["compare"]))
     assert row.rstrip().endswith("yes")
     assert elapsed < 60  # no weights are loaded
