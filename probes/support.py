@@ -7,8 +7,9 @@ a GGUF file or an embedded name) and builds it on PyTorch's meta device, which a
 weights, so it answers in seconds even for models that would not fit in memory. The rules:
   * multi-head latent attention (DeepSeek-V2/V3: ``kv_lora_rank``) has keys and values of
     different sizes and a latent cache: nothing runs (one-line refusal);
-  * pre-RoPE keys need a separate key projection (``k_proj``) to hook; fused q/k/v
-    projections (GPT-NeoX, Phi-3) have none;
+  * pre-RoPE keys need a key projection to hook: ``k_proj``, or a fused q/k/v projection of
+    known layout (Phi-3's ``qkv_proj``, GPT-NeoX's ``query_key_value``); GPT-2's ``c_attn``
+    is neither;
   * compressed caches (``compare``, the X-ray, ``ask``) do not apply attention logit
     soft-capping (Gemma 2), so they refuse such models rather than compute wrong attention.
 """
