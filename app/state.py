@@ -231,3 +231,54 @@ def head_selector(key: str, n_layers: int, n_heads: int, event=None) -> tuple[in
         "head", 0, n_heads - 1, key=f"{key}_head", help="click a cell of the heatmap, or type"
     )
     return int(layer), int(head)
+
+
+def compare_picker() -> None:
+    """Sidebar select of a saved trace to show beside the current one (two prompts, or two
+    models on one prompt); the loaded trace is cached in the session under its dump name."""
+    names = dump_names()
+    if trace() is None or not names:
+        return
+    pick = st.selectbox(
+        "compare with",
+        ["(none)", *names],
+        key="compare_pick",
+        help="a saved trace shown beside the current one on the Attention and Heavy hitters "
+        "pages, e.g. the same prompt probed with another model",
+    )
+    second = st.session_state.get("second")
+    if pick == "(none)":
+        st.session_state.pop("second", None)
+    elif not second or second["name"] != pick:
+
+        def load():
+            from probes import Trace
+
+            t = Trace.load(safe_dump_path(pick))
+            st.session_state["second"] = {"name": pick, "trace": t, "tables": {}}
+
+        guarded(load)
+
+
+def second_trace():
+    """The trace chosen to compare with, or None."""
+    second = st.session_state.get("second")
+    return second["trace"] if second else None
+
+
+def second_label() -> str:
+    second = st.session_state.get("second")
+    if not second:
+        return ""
+    m = second["trace"].model
+    return f"{second['name']} ({m.model_id}, {second['trace'].n_tokens} tokens)"
+
+
+def second_table(name: str, compute: Callable[[Any], Any]) -> Any:
+    """Like ``table``, for the trace to compare with (``compute`` receives that trace)."""
+    second = st.session_state.get("second")
+    if not second:
+        return None
+    if name not in second["tables"]:
+        second["tables"][name] = compute(second["trace"])
+    return second["tables"][name]

@@ -37,6 +37,7 @@ PAGES = [
 page = st.navigation(PAGES)
 with st.sidebar:
     label = st.empty()
+    state.compare_picker()
 label.caption(state.trace_label())
 page.run()
 # the page may have made a new trace: the label is written again after it ran

@@ -33,7 +33,9 @@ def render() -> None:
         key="attn_measure",
         help="; ".join(f"{k}: {v}" for k, v in MEASURES.items()),
     )
-    event = st.plotly_chart(
+    second = state.second_trace()
+    left, right = st.columns(2) if second is not None else (st.container(), None)
+    event = left.plotly_chart(
         figures.layer_head_heatmap(
             overview, measure, f"mean {measure} per head (click a head)", clickable=True
         ),
@@ -41,6 +43,8 @@ def render() -> None:
         selection_mode="points",
         key="attn_grid",
     )
+    if right is not None:
+        _second_overview(right, measure)
     st.caption(
         f"One cell per query head, averaged over the prompt's queries: {MEASURES[measure]}. "
         "Click a cell to show that head below."
@@ -96,4 +100,25 @@ def render() -> None:
     st.caption(
         "Attention each token receives from later queries, divided by how many queries see "
         "it: the score H2O (Zhang et al., 2023) keeps tokens by. Tall bars are heavy hitters."
+    )
+
+
+def _second_overview(col, measure: str) -> None:
+    """The same overview for the trace chosen in the sidebar's 'compare with'."""
+    other = state.second_table(
+        "attn_overview",
+        lambda t: (
+            t.query_stats.group_by("layer", "head").agg(
+                pl.col("entropy").mean(), pl.col("sink_mass").mean(), pl.col("local_mass").mean()
+            )
+            if t.query_stats is not None
+            else None
+        ),
+    )
+    if other is None:
+        col.info("the trace to compare with has no attention statistics")
+        return
+    col.plotly_chart(
+        figures.layer_head_heatmap(other, measure, f"{state.second_label()}: mean {measure}"),
+        key="attn_grid_second",
     )

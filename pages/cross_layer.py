@@ -21,7 +21,9 @@ def render() -> None:
         key="cl_kind",
         help="compare the layers' cached keys (after RoPE) or values",
     )
-    sim = state.table(f"sim_{kind}", lambda: cross_layer.pair_similarity(trace, kind))
+    with st.spinner("similarity between layers (once per trace) ..."):
+        sim = state.table(f"sim_{kind}", lambda: cross_layer.pair_similarity(trace, kind))
+        cka = state.table(f"cka_{kind}", lambda: cross_layer.cka(trace, kind))
     c1, c2 = st.columns(2)
     c1.plotly_chart(
         figures.layer_layer(sim, "cosine", f"per-token cosine between layers ({kind})"),
@@ -33,7 +35,6 @@ def render() -> None:
     )
     c2.plotly_chart(figures.adjacent_curve(sim, "cosine", "adjacent layers"), key="cl_adj")
     c2.caption("The diagonal next to the main one: each layer against the next.")
-    cka = state.table(f"cka_{kind}", lambda: cross_layer.cka(trace, kind))
     st.plotly_chart(figures.layer_layer(cka, "cka", f"linear CKA ({kind})"), key="cl_cka")
     st.caption(
         "Linear CKA (Kornblith et al., 2019): 1 = the layers hold the same information up to "

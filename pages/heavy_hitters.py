@@ -29,10 +29,11 @@ def render() -> None:
         "many queries can see the token, so early tokens are not favoured by position alone; "
         "window: attention from the last queries only (SnapKV's observation window)",
     )
-    top = state.table(f"hh_model_{by}", lambda: heavy_hitters.model_top(trace, 30, by))
+    with st.spinner("attention received per token (once per trace) ..."):
+        top = state.table(f"hh_model_{by}", lambda: heavy_hitters.model_top(trace, 30, by))
+        scores = state.table("hh_scores", lambda: heavy_hitters.token_scores(trace))
     st.subheader("Heaviest tokens (mean over layers and heads)")
     st.dataframe(top.head(k), hide_index=True)
-    scores = state.table("hh_scores", lambda: heavy_hitters.token_scores(trace))
     mean = scores.group_by("position").agg(pl.col(by).mean()).sort("position")
     st.plotly_chart(
         figures.token_scores(
@@ -49,13 +50,22 @@ def render() -> None:
         f"Attention each token receives, averaged over all heads; the top {k} in blue. A few "
         "tokens draw most of the attention: the heavy hitters H2O (Zhang et al., 2023) keeps."
     )
+    _second_tokens(by, k)
     sinks = state.table("hh_sinks", lambda: heavy_hitters.sinks(trace))
-    st.plotly_chart(
+    second = state.second_trace()
+    left, right = st.columns(2) if second is not None else (st.container(), None)
+    left.plotly_chart(
         figures.layer_head_heatmap(
             sinks, "sink_mass", "attention mass on the first tokens (sinks)"
         ),
         key="hh_sinks",
     )
+    if right is not None and second.query_stats is not None:
+        other = state.second_table("hh_sinks", heavy_hitters.sinks)
+        right.plotly_chart(
+            figures.layer_head_heatmap(other, "sink_mass", f"{state.second_label()}: sinks"),
+            key="hh_sinks_second",
+        )
     st.caption(
         "Per head, the share of attention on the first tokens whatever they say: attention "
         "sinks (Xiao et al., 2023, StreamingLLM keeps them). Bright = a sink-heavy head."
@@ -86,3 +96,25 @@ def render() -> None:
         )
     else:
         st.caption("persistence needs decoding steps: probe with 'generate tokens' > 0")
+
+
+def _second_tokens(by: str, k: int) -> None:
+    """Attention received per token for the trace chosen in the sidebar's 'compare with'."""
+    second = state.second_trace()
+    if second is None or second.key_stats is None:
+        return
+    scores = state.second_table("hh_scores", heavy_hitters.token_scores)
+    top = state.second_table(f"hh_model_{by}", lambda t: heavy_hitters.model_top(t, 30, by))
+    mean = scores.group_by("position").agg(pl.col(by).mean()).sort("position")
+    st.plotly_chart(
+        figures.token_scores(
+            mean["position"].to_list(),
+            second.tokens,
+            mean[by].to_list(),
+            f"{state.second_label()}: {by} per token",
+            highlight=set(top.head(k)["position"].to_list()),
+            y_title=by,
+        ),
+        key="hh_bar_second",
+    )
+    st.caption("The same view for the trace chosen in the sidebar's 'compare with'.")

@@ -71,10 +71,27 @@ def render() -> None:
             help="retrieval: copies from the needle (Wu et al., 2024); echo: attends to the "
             "earlier copy of the current token; induction: to the token after it",
         )
-        st.plotly_chart(
+        others = [m for m in st.session_state.get("retrieval", {}) if m != model_name]
+        other = None
+        if others:
+            other = st.selectbox(
+                "beside it",
+                ["(none)", *others],
+                key="rh_other",
+                help="another model whose scores were detected in this session",
+            )
+        left, right = st.columns(2) if other not in (None, "(none)") else (st.container(), None)
+        left.plotly_chart(
             figures.layer_head_heatmap(scores, measure, f"{model_name}: {measure} score per head"),
             key="rh_map",
         )
+        if right is not None:
+            right.plotly_chart(
+                figures.layer_head_heatmap(
+                    st.session_state["retrieval"][other], measure, f"{other}: {measure}"
+                ),
+                key="rh_map_other",
+            )
         st.caption(
             "Retrieval score (Wu et al., 2024): how often a head's strongest attention lands on "
             "the needle token the model is copying while it answers. Echo and induction "

@@ -86,9 +86,27 @@ def browser():
         b.close()
 
 
+def _settle(page, timeout_ms: int = 180_000) -> None:
+    """Wait until the script run is over (Streamlit marks its root with the run's state)."""
+    page.wait_for_timeout(500)
+    page.wait_for_function(
+        "() => document.querySelector('[data-testid=stApp]')"
+        ".getAttribute('data-test-script-state') === 'notRunning'",
+        timeout=timeout_ms,
+    )
+
+
 def _shot(page, name: str) -> None:
-    page.wait_for_timeout(800)
+    """The whole page: Streamlit scrolls inside its main section, so the window grows to it."""
+    _settle(page)
+    size = page.viewport_size
+    height = page.evaluate(
+        "() => (document.querySelector('[data-testid=stMain]') || document.body).scrollHeight"
+    )
+    page.set_viewport_size({"width": size["width"], "height": min(max(height, 600), 8000)})
+    page.wait_for_timeout(500)
     page.screenshot(path=SHOTS / f"{name}.png", full_page=True)
+    page.set_viewport_size(size)
 
 
 def _click_cell(page, plot, layer: int, head: int) -> None:
@@ -151,8 +169,9 @@ def test_a_new_user_walks_through_the_app(server, browser, tmp_path):
     # broken 5: the sidebar names the trace as soon as the probe is done
     page.get_by_role("button", name="Run probe").click()
     page.get_by_text("probed").wait_for(timeout=180_000)
+    # (the label is written when the run ends, a moment after the success message)
     sidebar = page.locator("[data-testid='stSidebar']")
-    assert "trace: smollm2-135m" in sidebar.inner_text()
+    expect(sidebar).to_contain_text("trace: smollm2-135m", timeout=15_000)
     _shot(page, "01-probe")
 
     # broken 1: clicking a head in the overview selects it
@@ -177,8 +196,9 @@ def test_a_new_user_walks_through_the_app(server, browser, tmp_path):
     ):
         page.get_by_role("link", name=name).click()
         page.get_by_role("heading", name=heading).wait_for(timeout=60_000)
-        page.wait_for_timeout(1500)
+        _settle(page)
         assert page.locator("text=Traceback").count() == 0
+        assert page.locator("[data-testid='stException']").count() == 0
         _shot(page, f"0{i + 3}-{name.replace(' ', '-').lower()}")
 
     page.get_by_role("link", name="Compression lab").click()

@@ -28,11 +28,14 @@ PAGES = [
 SESSION = """
 import streamlit as st
 from app import state
-from pages import attention, compression_lab, cross_layer, probe
+from pages import attention, compression_lab, cross_layer, heavy_hitters, probe
 state.keep_inputs()
+with st.sidebar:
+    state.compare_picker()
 {
     "probe": probe.render,
     "attention": attention.render,
+    "heavy": heavy_hitters.render,
     "lab": compression_lab.render,
     "cross": cross_layer.render,
 }[st.session_state.get("page", "probe")]()
@@ -259,3 +262,43 @@ def test_leaderboard_runs_a_small_sweep_and_lists_its_table(in_tmp):
     board = at.dataframe[0].value
     assert sorted(board["method"]) == ["full", "streamingllm:budget=32,sinks=4"]
     assert len(at.get("plotly_chart")) == 1
+
+
+def test_a_saved_trace_is_shown_beside_the_current_one(smol, trace, in_tmp):
+    """Two prompts side by side: the sidebar's 'compare with' loads a saved trace."""
+    import json
+
+    import polars as pl
+
+    from analysis import heavy_hitters
+
+    model, tok = smol
+    other = capture(model, tok, "Seven ships sailed north. " * 6, attention="stats")
+    other.save(in_tmp / "cache_dumps" / "ships")
+    at = AppTest.from_string(SESSION, default_timeout=120)
+    _with_trace(at, trace)
+    at.session_state["page"] = "attention"
+    at.run()
+    at.selectbox(key="compare_pick").set_value("ships").run()
+    assert not at.exception and not at.error
+    charts = {c.key: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
+    assert (
+        "attn_grid_second" in charts
+        and "ships" in charts["attn_grid_second"]["layout"]["title"]["text"]
+    )
+    at.session_state["page"] = "heavy"
+    at.run()
+    assert not at.exception and not at.error
+    charts = {c.key: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
+    sinks = heavy_hitters.sinks(other)
+    want = sinks.filter(layer=3, head=2)["sink_mass"][0]
+    z = charts["hh_sinks_second"]["data"][0]["z"]
+    assert z[3][2] == pytest.approx(want)
+    first = charts["hh_sinks"]["data"][0]["z"]
+    assert first[3][2] == pytest.approx(
+        heavy_hitters.sinks(trace).filter(layer=3, head=2)["sink_mass"][0]
+    )
+    assert first[3][2] != pytest.approx(want)
+    bars = charts["hh_bar_second"]["data"][0]
+    assert len(bars["x"]) == other.n_tokens
+    assert isinstance(sinks, pl.DataFrame)
