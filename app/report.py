@@ -24,6 +24,7 @@ pre.prompt { white-space: pre-wrap; background: #f6f6f6; padding: 1rem;
 table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0 1.5rem; }
 td, th { border: 1px solid #ddd; padding: 0.2rem 0.5rem; text-align: left; vertical-align: top; }
 th { background: #f0f0f0; }
+p.caption { color: #555; font-size: 0.85rem; margin: 0 0 1.5rem; }
 """
 
 
@@ -43,8 +44,37 @@ def _table(df: pl.DataFrame | list[dict], max_rows: int = 30) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _figure(fig: go.Figure) -> str:
-    return fig.to_html(full_html=False, include_plotlyjs=False)
+CAPTIONS = {
+    "received": "Attention each token receives, mean over heads: tall bars are the heavy "
+    "hitters H2O (Zhang et al., 2023) keeps.",
+    "sinks": "Share of each head's attention on the first tokens: attention sinks (Xiao et al., "
+    "2023, StreamingLLM).",
+    "overlap": "How much two layers agree on their top tokens (Jaccard; 1 = the same set).",
+    "persistence": "Share of a head's top tokens that stay on top from one generated token to "
+    "the next (Scissorhands, Liu et al., 2023).",
+    "retrieval": "How often a head's strongest attention lands on the needle token being copied "
+    "(retrieval heads, Wu et al., 2024).",
+    "channels": "Mean |x| per channel; bright columns across rows are outlier channels, why KIVI "
+    "and KVQuant quantise keys per channel.",
+    "quant": "Relative error after quantising, by grouping and bit width, with and without a "
+    "Hadamard rotation (QuaRot, RotateKV); lower is better.",
+    "cosine": "Mean per-token cosine between layers (blue alike, red opposite); MiniCache merges "
+    "adjacent layers where it is high.",
+    "cka": "Linear CKA between layers (Kornblith et al., 2019): 1 = the same information up to "
+    "rotation and scale.",
+    "kl": "KL of each method's next-token distribution from the full cache's at each generated "
+    "token, both fed the full cache's tokens (0 = identical).",
+    "memory": "One point per run: left holds fewer bytes (as a 16-bit server holds them), lower "
+    "is closer to the full cache.",
+    "leaderboard": "Accuracy vs bytes held per method; the dashed line is the full cache.",
+}
+
+
+def _figure(fig: go.Figure, caption: str = "") -> str:
+    """A figure (plotly.js is embedded once in the page head) and its one-line reading."""
+    html_fig = fig.to_html(full_html=False, include_plotlyjs=False)
+    text = CAPTIONS.get(caption, "")
+    return html_fig + (f'<p class="caption">{html.escape(text)}</p>' if text else "")
 
 
 def build_report(
@@ -93,11 +123,15 @@ def build_report(
                     trace.tokens,
                     scores["received_norm"].to_list(),
                     "received attention per token",
-                )
+                ),
+                "received",
             )
         )
         parts.append(
-            _figure(figures.layer_head_heatmap(tables["sinks"], "sink_mass", "sink mass per head"))
+            _figure(
+                figures.layer_head_heatmap(tables["sinks"], "sink_mass", "sink mass per head"),
+                "sinks",
+            )
         )
         parts.append(
             _figure(
@@ -105,12 +139,16 @@ def build_report(
                     tables["heavy_hitters_layer_overlap"],
                     "jaccard",
                     "top-16 overlap between layers",
-                )
+                ),
+                "overlap",
             )
         )
     if "persistence" in tables:
         parts.append(
-            _figure(figures.layer_head_heatmap(tables["persistence"], "persistence", "persistence"))
+            _figure(
+                figures.layer_head_heatmap(tables["persistence"], "persistence", "persistence"),
+                "persistence",
+            )
         )
     if "retrieval_heads" in tables:
         parts.append("<h2>Retrieval heads</h2>")
@@ -118,7 +156,8 @@ def build_report(
             _figure(
                 figures.layer_head_heatmap(
                     tables["retrieval_heads"], "retrieval", "retrieval score"
-                )
+                ),
+                "retrieval",
             )
         )
     if "outlier_channels" in tables:
@@ -130,21 +169,28 @@ def build_report(
                     _figure(
                         figures.channel_heatmap(
                             tables["outlier_channels"], kind, f"mean |x| ({kind})"
-                        )
+                        ),
+                        "channels",
                     )
                 )
         parts.append(
-            _figure(figures.quant_error_bars(tables["quantization_error"], "quantisation error"))
+            _figure(
+                figures.quant_error_bars(tables["quantization_error"], "quantisation error"),
+                "quant",
+            )
         )
     if "similarity_key" in tables:
         parts.append("<h2>Cross-layer similarity</h2>")
         parts.append(
             _figure(
-                figures.layer_layer(tables["similarity_key"], "cosine", "key cosine between layers")
+                figures.layer_layer(
+                    tables["similarity_key"], "cosine", "key cosine between layers"
+                ),
+                "cosine",
             )
         )
         parts.append(
-            _figure(figures.layer_layer(tables["cka_key"], "cka", "key CKA between layers"))
+            _figure(figures.layer_layer(tables["cka_key"], "cka", "key CKA between layers"), "cka")
         )
         parts.append(_table(tables["svd_energy_key"].filter(pl.col("group_size") > 0).head(40)))
     if "head_types" in tables:
@@ -160,8 +206,8 @@ def build_report(
             "<p>bytes_ratio: bytes held vs the full cache, as a 16-bit server holds them. "
             "KL and top-1: next-token distributions vs the full cache, teacher forced.</p>"
         )
-        parts.append(_figure(figures.kl_curves(results, "per-step KL vs the full cache")))
-        parts.append(_figure(figures.memory_quality(results, "memory vs quality")))
+        parts.append(_figure(figures.kl_curves(results, "per-step KL vs the full cache"), "kl"))
+        parts.append(_figure(figures.memory_quality(results, "memory vs quality"), "memory"))
     if sweep is not None and sweep.height:
         from methods.sweep import leaderboard
 
@@ -170,7 +216,11 @@ def build_report(
         for (model, task, length), part in board.group_by(
             "model", "task", "length", maintain_order=True
         ):
-            parts.append(_figure(figures.leaderboard(part, f"{model}, {task}, {length} tokens")))
+            parts.append(
+                _figure(
+                    figures.leaderboard(part, f"{model}, {task}, {length} tokens"), "leaderboard"
+                )
+            )
         parts.append(_table(board, 200))
     body = "\n".join(parts)
     return (

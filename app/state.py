@@ -22,7 +22,7 @@ from probes.errors import KvlensError
 
 DUMPS = Path("cache_dumps")
 RECENT_PREFIX = "recent-"
-KEEP_RECENT = 8
+KEEP_RECENT = 5  # a 1k-token trace with K/V is about 80 MB on disk
 # Widget keys with these prefixes are form inputs kept across page switches (see keep_inputs);
 # buttons and charts never use them.
 INPUT_PREFIXES = ("probe_", "task_", "lab_", "lb_", "rh_", "hh_", "out_", "cl_kind", "attn_measure")

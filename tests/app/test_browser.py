@@ -226,6 +226,8 @@ def test_a_new_user_walks_through_the_app(server, browser, tmp_path):
     viewer.goto(report.as_uri())
     viewer.get_by_text("Compression comparison").wait_for(timeout=30_000)
     assert viewer.locator(".js-plotly-plot").count() >= 5
+    # every figure is followed by one line saying how to read it
+    assert viewer.locator("p.caption").count() == viewer.locator(".js-plotly-plot").count()
     for title in ("per-step KL", "quantisation error"):
         colours = _plot_colours(viewer, title)
         assert len(colours) >= 3 and len(set(colours)) == len(colours), (title, colours)
@@ -273,3 +275,5 @@ def test_report_shows_script_tags_as_text_and_runs_nothing(browser, tmp_path):
     assert "<script>alert(1)</script>" in text and 'onerror="alert(2)"' in text
     assert page.locator("img[src=x]").count() == 0
     assert "<script>alert(4)</script>" in page.locator("body").inner_text()
+    plots = page.locator(".js-plotly-plot").count()
+    assert plots > 3 and page.locator("p.caption").count() == plots
