@@ -202,6 +202,9 @@ def cmd_compare(args) -> int:
             f"{_one_line(r.spec, 34):<34} {r.kl_mean:>8.4f} {r.kl_max:>7.3f} {r.top1:>6.2f} "
             f"{r.ppl:>7.2f} {acc:>5} {r.bytes_ratio:>6.1%} {r.time_s:>7.2f}  {text!r}"
         )
+    from methods.memory import SERVING_NOTE
+
+    print(f"bytes: held at the end vs the full cache, {SERVING_NOTE}")
     xrays = []
     if args.xray:
         from methods.xray import xray
@@ -547,6 +550,9 @@ def cmd_sweep(args) -> int:
             f"{r['model']:<14} {r['task']:<9} {r['length']:>5} {_one_line(r['method'], 40):<40} "
             f"{r['accuracy']:>5.2f} {r['kl_mean']:>7.3f} {r['bytes_ratio']:>6.1%}"
         )
+    from methods.memory import SERVING_NOTE
+
+    print(f"bytes: held vs the full cache, {SERVING_NOTE}")
     print(args.out)
     return 0
 

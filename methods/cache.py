@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kernels.attention_stats import attention_stats_reference, attention_with_stats
 from kernels.sparse_decode import sparse_decode
 from methods.base import Method, Observation
+from methods.memory import element_bytes
 from probes.attention import hand_over
 from probes.errors import KvlensError
 from probes.models import model_facts
@@ -147,8 +148,11 @@ class HeadStore:
         )[0]  # fmt: skip
 
     def nbytes(self) -> int:
-        per_token = self._keys.shape[2] * self._keys.element_size() * 2 + 4
-        per_token += sum(buf.element_size() for buf in self._aux.values())
+        """Serving bytes of the rows in use (``methods.memory``): keys, values, int32
+        positions and per-token state."""
+        per_token = 2 * self._keys.shape[2] * element_bytes(self._keys.dtype)
+        per_token += element_bytes(self._positions.dtype)
+        per_token += sum(element_bytes(buf.dtype) for buf in self._aux.values())
         return sum(self._lengths) * per_token
 
 
@@ -357,7 +361,8 @@ class CompressedCache(Cache):
 
 
 def full_cache_nbytes(model, n_tokens: int) -> int:
-    """Bytes a full (uncompressed) KV cache holds for ``n_tokens`` tokens."""
+    """Bytes a full (uncompressed) 16-bit KV cache holds for ``n_tokens`` tokens, by the same
+    rule as every compressed store (``methods.memory``), whatever dtype the model computes in."""
     facts = model_facts(model)
-    element = torch.empty(0, dtype=model.dtype).element_size()
+    element = element_bytes(model.dtype)
     return 2 * facts.n_layers * facts.n_kv_heads * n_tokens * facts.head_dim * element

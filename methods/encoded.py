@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from methods.base import Method, Observation
+from methods.memory import held_bytes
 
 
 class Encoding(Protocol):
@@ -21,10 +22,6 @@ class Encoding(Protocol):
     def values(self) -> torch.Tensor: ...
     def positions(self) -> torch.Tensor: ...
     def nbytes(self) -> int: ...
-
-
-def tensor_bytes(*tensors: torch.Tensor | None) -> int:
-    return sum(0 if t is None else t.numel() * t.element_size() for t in tensors)
 
 
 class EncodedStore:
@@ -93,7 +90,7 @@ class EncodedStore:
         raise KvlensError("an encoded cache keeps no per-token method state")
 
     def nbytes(self) -> int:
-        total = tensor_bytes(*self.tail_keys, *self.tail_values, *self.tail_pos)
+        total = held_bytes(*self.tail_keys, *self.tail_values, *self.tail_pos)
         return total + sum(0 if e is None else e.nbytes() for e in self.encodings)
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from methods.memory import held_bytes
+
 
 @dataclass
 class Quantized:
@@ -25,7 +27,7 @@ class Quantized:
     n: int  # length of the last dimension before packing
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero))
+        return held_bytes(self.packed, self.scale, self.zero)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:

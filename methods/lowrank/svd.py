@@ -16,7 +16,8 @@ from typing import ClassVar
 import torch
 
 from methods.base import require
-from methods.encoded import PromptEncoder, tensor_bytes
+from methods.encoded import PromptEncoder
+from methods.memory import held_bytes
 from methods.registry import register
 
 
@@ -38,7 +39,7 @@ class LowRank:
         return self.pos
 
     def nbytes(self):
-        return tensor_bytes(
+        return held_bytes(
             self.key_coef, self.key_basis, self.value_coef, self.value_basis, self.pos
         )
 

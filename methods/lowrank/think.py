@@ -15,7 +15,8 @@ from typing import ClassVar
 import torch
 
 from methods.base import require
-from methods.encoded import PromptEncoder, tensor_bytes
+from methods.encoded import PromptEncoder
+from methods.memory import held_bytes
 from methods.registry import register
 
 
@@ -44,7 +45,7 @@ class PrunedKeys:
         return self.pos
 
     def nbytes(self):
-        return tensor_bytes(self.kept_keys, self.channels, self.vals, self.pos)
+        return held_bytes(self.kept_keys, self.channels, self.vals, self.pos)
 
 
 @register

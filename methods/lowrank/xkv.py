@@ -17,7 +17,8 @@ from typing import ClassVar
 import torch
 
 from methods.base import require
-from methods.encoded import PromptEncoder, tensor_bytes
+from methods.encoded import PromptEncoder
+from methods.memory import held_bytes
 from methods.registry import register
 
 
@@ -40,8 +41,8 @@ class SharedLowRank:
         return self.pos
 
     def nbytes(self):
-        shared = tensor_bytes(self.key_coef, self.value_coef) if self.owns_coef else 0
-        return shared + tensor_bytes(self.key_basis, self.value_basis, self.pos)
+        shared = held_bytes(self.key_coef, self.value_coef) if self.owns_coef else 0
+        return shared + held_bytes(self.key_basis, self.value_basis, self.pos)
 
 
 def shared_factor(xs: list[torch.Tensor], rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -17,7 +17,8 @@ from typing import ClassVar
 import torch
 
 from methods.base import require
-from methods.encoded import PromptEncoder, tensor_bytes
+from methods.encoded import PromptEncoder
+from methods.memory import held_bytes
 from methods.registry import register
 
 
@@ -67,8 +68,8 @@ class Merged:
         return torch.cat([self.merged_pos, self.own_pos])
 
     def nbytes(self):
-        shared = tensor_bytes(self.direction_k, self.direction_v) if self.owns_direction else 0
-        return shared + tensor_bytes(
+        shared = held_bytes(self.direction_k, self.direction_v) if self.owns_direction else 0
+        return shared + held_bytes(
             self.norm_k, self.norm_v, self.merged_pos, self.own_k, self.own_v, self.own_pos
         )
 

@@ -15,7 +15,8 @@ from typing import ClassVar
 import torch
 
 from methods.base import require
-from methods.encoded import PromptEncoder, tensor_bytes
+from methods.encoded import PromptEncoder
+from methods.memory import held_bytes
 from methods.quant import Quantized, dequantize, quantize
 from methods.registry import register
 
@@ -35,7 +36,7 @@ class GearPart:
         return x
 
     def nbytes(self) -> int:
-        return self.dense.nbytes() + tensor_bytes(
+        return self.dense.nbytes() + held_bytes(
             self.sparse_index, self.sparse_value, self.low_a, self.low_b
         )
 
@@ -78,7 +79,7 @@ class Gear:
         return self.pos
 
     def nbytes(self):
-        return self.k.nbytes() + self.v.nbytes() + tensor_bytes(self.pos)
+        return self.k.nbytes() + self.v.nbytes() + held_bytes(self.pos)
 
 
 @register

@@ -19,7 +19,8 @@ from typing import ClassVar
 import torch
 
 from methods.base import require
-from methods.encoded import PromptEncoder, tensor_bytes
+from methods.encoded import PromptEncoder
+from methods.memory import held_bytes
 from methods.quant import Quantized, dequantize, pack, quantize, unpack
 from methods.registry import register
 from probes.errors import KvlensError
@@ -57,7 +58,7 @@ class NonUniformKeys:
 
     def nbytes(self):
         return (
-            tensor_bytes(self.codes, self.levels, self.sparse_index, self.sparse_value, self.pos)
+            held_bytes(self.codes, self.levels, self.sparse_index, self.sparse_value, self.pos)
             + self.vals.nbytes()
         )
 

@@ -16,8 +16,9 @@ from typing import ClassVar
 import torch
 
 from methods.base import require
-from methods.encoded import PromptEncoder, tensor_bytes
+from methods.encoded import PromptEncoder
 from methods.eviction.base import group_mean
+from methods.memory import held_bytes
 from methods.quant import Quantized, dequantize, quantize
 from methods.registry import register
 
@@ -36,7 +37,7 @@ class Tiers:
         return torch.cat([p for _k, _v, p in self.parts])
 
     def nbytes(self):
-        return sum(k.nbytes() + v.nbytes() + tensor_bytes(p) for k, v, p in self.parts)
+        return sum(k.nbytes() + v.nbytes() + held_bytes(p) for k, v, p in self.parts)
 
 
 @register

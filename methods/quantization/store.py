@@ -22,6 +22,7 @@ import torch
 
 from kernels.quant_decode import QuantKV, dequantize_cache, quant_decode
 from kernels.quantize import empty_blocks, quantize_groups
+from methods.memory import element_bytes
 from probes.errors import KvlensError
 
 
@@ -180,7 +181,7 @@ class QuantHeadStore:
         total = (self._kc.shape[2] + self._vc.shape[2]) * n * h  # codes
         total += 2 * 2 * key_scale_rows * self._ks[0, 0].numel() * h if n else 0  # key scale+zero
         total += 2 * 2 * n * h  # value scale + zero, fp16 per token
-        total += 2 * r * self.head_dim * self._rk.element_size() * h  # residual keys + values
+        total += 2 * r * self.head_dim * element_bytes(self._rk.dtype) * h  # residual K + V
         total += 4 * self.n_tokens * h  # int32 positions, per head
         if self.rotation is not None:
             total += self.rotation.numel() * 2  # one float16 rotation matrix per layer

@@ -27,7 +27,8 @@ def test_kivi_8bit_tracks_the_full_cache(smol, ids):
     result = compare(model, tok, ids, "full,kivi:bits=8,group=32,residual=32", max_new_tokens=12)
     kivi = result.results[1]
     assert kivi.kl_max < 1e-3 and kivi.top1 == 1.0
-    assert kivi.bytes < result.results[0].bytes / 2
+    # 8-bit codes are half of a 16-bit cache; scales, zero points and the residual add to it
+    assert 0.5 < kivi.bytes_ratio < 0.7
 
 
 def test_fewer_bits_hold_fewer_bytes_and_drift_more(smol, ids):
@@ -93,7 +94,10 @@ def test_byte_accounting_equals_the_stored_tensors(smol, ids):
             lay.value_codes[:, :, :n], lay.value_scale[:, :, :n], lay.value_zero[:, :, :n],
             lay.residual_keys[:, :, :r], lay.residual_values[:, :, :r],
         ]  # fmt: skip
-        expected += sum(t.numel() * t.element_size() for t in tensors)
+        # a server holds the full-precision residual in 16 bits (this CPU computes in float32)
+        expected += sum(
+            t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in tensors
+        )
         expected += 4 * (n + r) * lay.key_codes.shape[1]  # int32 positions per KV head
     assert cache.nbytes() == expected
     # 500 tokens: 13 groups of 32 quantised (416), 84 in the residual; 2-bit codes of 64 channels
