@@ -282,3 +282,20 @@ def second_table(name: str, compute: Callable[[Any], Any]) -> Any:
     if name not in second["tables"]:
         second["tables"][name] = compute(second["trace"])
     return second["tables"][name]
+
+
+def clicked_x(chart_key: str) -> int | None:
+    """The x of a point just clicked in the chart drawn with ``key=chart_key`` and
+    ``on_select="rerun"``; each click is reported once (a selection stays in the chart's state)."""
+    event = st.session_state.get(chart_key)
+    try:
+        points = event["selection"]["points"]
+    except (KeyError, TypeError):
+        return None
+    if not points:
+        return None
+    x = int(points[0]["x"])
+    if st.session_state.get(f"{chart_key}_last") == (x, len(points)):
+        return None
+    st.session_state[f"{chart_key}_last"] = (x, len(points))
+    return x

@@ -62,13 +62,17 @@ def render() -> None:
             "Row = a query token, column = a token it attends to; darker = more attention. "
             "Causal, so nothing above the diagonal. A dark first column is an attention sink."
         )
+        for chart in ("attn_row", "attn_received"):  # a click on a token's bar selects it
+            x = state.clicked_x(chart)
+            if x is not None and 0 <= x < n:
+                st.session_state["attn_query"] = x
         query = st.slider(
             "query token",
             0,
             n - 1,
             n - 1,
             key="attn_query",
-            help="the token whose attention row is shown below",
+            help="the token whose attention row is shown below; or click a token's bar",
         )
         row = probs[query, : query + 1]
         st.plotly_chart(
@@ -80,13 +84,19 @@ def render() -> None:
                 y_title="attention probability",
             ),
             key="attn_row",
+            on_select="rerun",
+            selection_mode="points",
         )
-        st.caption("One row of the map above as bars; hover a bar for its token.")
+        st.caption(
+            "One row of the map above as bars; hover a bar for its token, click it to follow "
+            "the attention to that token."
+        )
     else:
         st.caption(
             "full maps were not captured (long prompt or attention=stats): showing statistics"
         )
     keys = trace.key_stats.filter(layer=layer, head=head).sort("position")
+    clickable = {"on_select": "rerun", "selection_mode": "points"} if name in trace.tensors else {}
     st.plotly_chart(
         figures.token_scores(
             keys["position"].to_list(),
@@ -96,10 +106,12 @@ def render() -> None:
             y_title="attention received (normalised)",
         ),
         key="attn_received",
+        **clickable,
     )
     st.caption(
         "Attention each token receives from later queries, divided by how many queries see "
-        "it: the score H2O (Zhang et al., 2023) keeps tokens by. Tall bars are heavy hitters."
+        "it: the score H2O (Zhang et al., 2023) keeps tokens by. Tall bars are heavy hitters"
+        + ("; click one to make it the query." if clickable else ".")
     )
 
 

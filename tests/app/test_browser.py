@@ -184,6 +184,23 @@ def test_a_new_user_walks_through_the_app(server, browser, tmp_path):
     expect(page.get_by_role("spinbutton", name="layer")).to_have_value("7", timeout=30_000)
     expect(page.get_by_role("spinbutton", name="head")).to_have_value("5", timeout=30_000)
     _shot(page, "02-attention-clicked")
+    # and clicking a token's bar makes it the query of the row view
+    received = page.locator(".js-plotly-plot").filter(has_text="attention received per token")
+    received.scroll_into_view_if_needed()
+    position, x, y = received.evaluate(
+        """(gd) => {
+            const bars = gd.calcdata[0].slice(1, -2);  // not the first or the last token
+            const top = bars.reduce((a, b) => (b.s > a.s ? b : a));
+            const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+            const r = gd.getBoundingClientRect();
+            return [top.p, r.left + xa._offset + xa.l2p(top.p),
+                    r.top + ya._offset + ya.l2p(top.s / 2)];
+        }"""
+    )
+    page.mouse.click(x, y)
+    page.locator(".js-plotly-plot").filter(has_text=f"what token {position} (").wait_for(
+        timeout=30_000
+    )
 
     for i, (name, heading) in enumerate(
         [
