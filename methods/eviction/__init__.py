@@ -4,6 +4,7 @@ from methods.eviction import (  # noqa: F401
     adakv,
     h2o,
     keyformer,
+    knorm,
     pyramidkv,
     random_keep,
     recent,
