@@ -3,6 +3,7 @@
 from methods.eviction import (  # noqa: F401
     adakv,
     h2o,
+    keydiff,
     keyformer,
     knorm,
     pyramidkv,

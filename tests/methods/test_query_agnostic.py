@@ -17,7 +17,7 @@ from tests.conftest import passage
 
 N = 200
 BUDGET = 64
-METHODS = ("knorm",)
+METHODS = ("knorm", "keydiff")
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +54,16 @@ def assert_keeps_top(kept: torch.Tensor, score: torch.Tensor, budget: int, where
     assert close.all(), f"{where}: kept {sorted(set(kept.tolist()) - set(want.tolist()))}"
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_budget_above_length_is_the_full_cache(smol, ids, name):
+def test_budget_above_length_is_the_full_cache(smol, ids):
     model, tok = smol
-    result = compare(model, tok, ids, f"full,{name}:budget=10000", max_new_tokens=4)
-    full, method = result.results
-    assert method.token_ids == full.token_ids
-    assert method.kl_max < 1e-6
+    specs = ",".join(f"{name}:budget=10000" for name in METHODS)
+    full, *results = compare(model, tok, ids, f"full,{specs}", max_new_tokens=4).results
     # every token kept: 16-bit keys and values plus an int32 position each (methods.memory)
-    d = smol[0].config.head_dim
-    assert method.bytes_ratio == pytest.approx((4 * d + 4) / (4 * d))
+    d = model.config.head_dim
+    for method in results:
+        assert method.token_ids == full.token_ids, method.spec
+        assert method.kl_max < 1e-6, method.spec
+        assert method.bytes_ratio == pytest.approx((4 * d + 4) / (4 * d)), method.spec
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -81,3 +81,17 @@ def test_knorm_keeps_the_lowest_norm_keys(smol, ids, trace):
             assert kept.numel() == BUDGET
             norm = keys[head].norm(dim=-1)
             assert_keeps_top(kept, -norm, BUDGET, f"layer {layer} head {head}")
+
+
+def test_keydiff_keeps_the_keys_least_like_the_mean_direction(smol, ids, trace):
+    cache = prefill(smol[0], ids, f"keydiff:budget={BUDGET}")
+    for layer in (0, 7, 15, 29):
+        keys = trace.key(layer).float()
+        for head, kept in enumerate(cache.kept_positions(layer)):
+            k = keys[head]
+            anchor = (k / k.norm(dim=-1, keepdim=True)).mean(0)
+            cosine = torch.nn.functional.cosine_similarity(k, anchor[None], dim=-1)
+            assert_keeps_top(kept, -cosine, BUDGET, f"layer {layer} head {head}")
+            # the rule is not the key norm's: the two keep different sets here
+            by_norm = torch.topk(-k.norm(dim=-1), BUDGET).indices.sort().values
+            assert not torch.equal(kept, by_norm)
