@@ -2,6 +2,7 @@
 
 from methods.eviction import (  # noqa: F401
     adakv,
+    expected_attention,
     h2o,
     keydiff,
     keyformer,

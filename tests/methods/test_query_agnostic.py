@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from methods.cache import CompressedCache
+from methods.base import Observation
+from methods.cache import CompressedCache, HeadStore
 from methods.evaluate import compare
 from methods.registry import create
 from probes import capture
@@ -17,7 +18,7 @@ from tests.conftest import passage
 
 N = 200
 BUDGET = 64
-METHODS = ("knorm", "keydiff")
+METHODS = ("knorm", "keydiff", "expected_attention")
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +96,89 @@ def test_keydiff_keeps_the_keys_least_like_the_mean_direction(smol, ids, trace):
             # the rule is not the key norm's: the two keep different sets here
             by_norm = torch.topk(-k.norm(dim=-1), BUDGET).indices.sort().values
             assert not torch.equal(kept, by_norm)
+
+
+def rope(model, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """RoPE at ``positions`` applied to x [..., T, D], from the model's own cos/sin."""
+    cos, sin = model.model.rotary_emb(x.float(), positions[None])
+    a, b = x.chunk(2, dim=-1)
+    return x * cos[0] + torch.cat([-b, a], dim=-1) * sin[0]
+
+
+def planted(model, noise: float, seed: int = 0):
+    """A layer of 40 keys (norm 8) and 3 query heads whose last 32 pre-RoPE queries are drawn
+    around one mean; key 17 points along that mean rotated to the next position (40)."""
+    g = torch.Generator().manual_seed(seed)
+    d, n, w = model.config.head_dim, 40, 32
+    mu = 2 * torch.randn(d, generator=g)
+    pre = mu + noise * torch.randn(3, w, d, generator=g)
+    post = rope(model, pre, torch.arange(n - w, n))
+    keys = torch.randn(n, d, generator=g)
+    target = rope(model, mu[None], torch.tensor([n]))[0]
+    keys[17] = target
+    keys = 8 * keys / keys.norm(dim=-1, keepdim=True)
+    values = torch.randn(n, d, generator=g)
+    store = HeadStore(1, d, torch.float32, "cpu")
+    store.append(keys[None], values[None], torch.arange(n))
+    obs = Observation(
+        layer=0, n_layers=1, prefill=True, n_queries=n, n_seen=n, scale=d**-0.5,
+        positions=[torch.arange(n)], keys=[keys], received=None, window=None, last=None,
+        window_queries=[post],
+    )  # fmt: skip
+    return store, obs, pre
+
+
+@pytest.mark.parametrize("future", [1, 512])
+def test_expected_attention_ranks_the_key_along_the_mean_query_first(smol, future):
+    method = create(f"expected_attention:future={future},vnorm=false,sinks=0")
+    method.setup(smol[0])
+    store, obs, _ = planted(smol[0], noise=0.1)
+    score = method.scores(store, obs, 0)
+    assert int(score.argmax()) == 17
+    assert score.sum() == pytest.approx(1.0)  # expected attention weights over the keys
+
+
+def test_expected_attention_equals_the_gaussian_expectation(smol):
+    """future=1: the score is E[softmax-free exp(scale q.k)] for q ~ N(mean, cov) of the
+    planted queries at the next position, normalised and averaged over the group; checked
+    against the closed form built from the pre-RoPE queries and by Monte Carlo sampling."""
+    model = smol[0]
+    method = create("expected_attention:future=1,vnorm=false,sinks=0")
+    method.setup(model)
+    store, obs, pre = planted(model, noise=0.5)
+    got = method.scores(store, obs, 0)
+    keys, scale, n = obs.keys[0], obs.scale, obs.n_seen
+    want = []
+    g = torch.Generator().manual_seed(1)
+    for queries in pre:  # one query head at a time
+        mean = rope(model, queries.mean(0)[None], torch.tensor([n]))[0]
+        # RoPE at one position is linear: the covariance of rotated samples is R cov R^T
+        centred = rope(model, queries - queries.mean(0), torch.full((len(queries),), n))
+        cov = centred.T @ centred / len(queries)
+        closed = scale * keys @ mean + 0.5 * scale**2 * ((keys @ cov) * keys).sum(-1)
+        # exact draws from N(mean, cov) even though cov is singular (32 samples, 64 dims)
+        z = torch.randn(200_000, len(queries), generator=g, dtype=torch.float64)
+        sample = mean.double() + z @ centred.double() / len(queries) ** 0.5
+        monte_carlo = torch.exp(scale * sample @ keys.double().T).mean(0).log()
+        torch.testing.assert_close(monte_carlo.float(), closed, atol=0.02, rtol=0.0)
+        want.append(torch.softmax(closed, dim=-1))
+    torch.testing.assert_close(got, torch.stack(want).mean(0), atol=1e-5, rtol=1e-4)
+    with_norm = create("expected_attention:future=1,sinks=0")
+    with_norm.setup(model)
+    by_value = with_norm.scores(store, obs, 0)
+    torch.testing.assert_close(by_value, got * store.values[0].norm(dim=-1))
+
+
+def test_expected_attention_on_smollm2_keeps_sinks_within_budget(smol, ids):
+    cache = prefill(smol[0], ids, f"expected_attention:budget={BUDGET},sinks=4")
+    for layer in (0, 15, 29):
+        for kept in cache.kept_positions(layer):
+            assert kept.numel() == BUDGET
+            assert kept[:4].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("param", ["window=0", "future=0", "sinks=-1", "covariance=maybe"])
+def test_expected_attention_bad_parameters_are_one_line(param):
+    with pytest.raises(KvlensError) as err:
+        create(f"expected_attention:{param}")
+    assert "\n" not in str(err.value) and param.split("=")[0] in str(err.value)
