@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument(
         "--matched",
         action="store_true",
-        help="instead: every family at about 25%% and 12.5%% of the full cache's bytes",
+        help="instead: every family at about 25%% and 12.5%% of a 16-bit full cache's bytes",
     )
     parser.add_argument("--only", default="", help="with --matched: only these method names")
     args = parser.parse_args()
@@ -97,7 +97,15 @@ def main() -> None:
 
 
 # configurations chosen to hold about 25% / 12.5% of a float32 full cache at ~1k tokens
+# Targets are fractions of a 16-bit full cache (methods.memory), measured at 1k tokens on
+# SmolLM2: 2-bit codes with their scales and residual hold about 25%, so no quantiser alone
+# reaches 12.5% (its rows there are the nearest it gets); 4- and 8-bit rows are listed above.
 MATCHED = {
+    "above 25%": [
+        "int8",
+        "kivi:bits=4,residual=64",
+        "kvquant:bits=4",
+    ],
     "25%": [
         "snapkv:budget=256",
         "h2o:budget=256",
@@ -105,15 +113,13 @@ MATCHED = {
         "adakv:budget=256",
         "pyramidkv:budget=256",
         "d2o:budget=256",
-        "int8",
-        "kivi:bits=4,residual=64",
-        "rotatekv:bits=4,residual=64",
-        "gear:bits=4,rank=2",
-        "kvquant:bits=4",
-        "zipcache:salient=0.3,high_bits=8,low_bits=4",
-        "svd:rank=32",
-        "xkv:rank=64,group=2",
-        "razor:heads=0.2,recent=128",
+        "kivi:bits=2,residual=64",
+        "rotatekv:bits=2,residual=64",
+        "gear:bits=2,rank=2",
+        "zipcache:salient=0.2,high_bits=8,low_bits=2",
+        "svd:rank=16",
+        "xkv:rank=32,group=2",
+        "razor:heads=0.1,recent=64",
     ],
     "12.5%": [
         "snapkv:budget=128",
@@ -122,13 +128,9 @@ MATCHED = {
         "adakv:budget=128",
         "pyramidkv:budget=128",
         "d2o:budget=128",
-        "kivi:bits=2,residual=32",
-        "rotatekv:bits=2,residual=32",
-        "gear:bits=2,rank=2",
         "kvquant:bits=2",
-        "zipcache:salient=0.1,high_bits=8,low_bits=2",
-        "svd:rank=16",
-        "xkv:rank=32,group=2",
+        "svd:rank=8",
+        "xkv:rank=16,group=2",
         "razor:heads=0.05,recent=64",
     ],
 }
