@@ -2,9 +2,10 @@
 Eviction by Adaptive Budget Allocation") on top of SnapKV's scores.
 
 A layer's total budget (``budget`` x KV heads) is shared: heads whose attention is spread
-out get more tokens, focused heads fewer. Each head's pooled window scores are normalised
-to sum to one, every head is guaranteed ``floor`` x ``budget`` tokens (Ada-KV's safeguard),
-and the rest of the layer's budget goes to the highest normalised scores across all heads.
+out get more tokens, focused heads fewer. Every head keeps its observation window and is
+guaranteed its top ``floor`` x ``budget`` tokens (Ada-KV's safeguard); the rest of the
+layer's budget goes to the highest pooled window scores across all heads, compared as they
+are (each head's votes are attention weights, already on one scale, as in Ada-KV's code).
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ class AdaKV(SnapKV):
         total = self.budget * n_heads
         if sum(lengths) <= total:
             return lengths
-        guaranteed = [min(n, int(self.floor * self.budget)) for n in lengths]
+        safe = max(1, int(self.floor * self.budget)) if self.floor > 0 else 0
+        guaranteed = [min(n, safe) for n in lengths]
         extra_scores, owners = [], []
         for h in range(n_heads):
-            s = pooled_window_score(obs, h, self.kernel, self.pooling)
-            s = s / s.sum().clamp_min(1e-30)
+            s = pooled_window_score(obs, h, self.kernel, self.pooling, self.window).clone()
+            s[self.protected(obs, h)] = float("inf")  # the window is kept by every head
             rest = torch.sort(s, descending=True).values[guaranteed[h] :]
             extra_scores.append(rest)
             owners.append(torch.full_like(rest, h, dtype=torch.long))

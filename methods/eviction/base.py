@@ -4,6 +4,13 @@ A method supplies ``scores`` (higher = keep) and, optionally, which tokens are p
 (sinks, a recent window) and per-head budgets. Scores are computed in float32: ties and
 rounding in half precision would make the kept set depend on the dtype. Query heads of one
 KV group are averaged into one score per KV head, since the group shares its keys.
+
+When a method evicts is its ``schedule``: ``prefill`` compresses once, right after the first
+multi-token call, and keeps every later token (a question appended to the context, each
+generated token); ``continuous`` evicts again after every later call, so the cache stays at
+its budget. The evict-while-decoding papers (H2O, TOVA, Scissorhands, Keyformer) define the
+continuous schedule, and kvlens defaults to it for them; kvpress, the reference library,
+compresses once at prefill (``schedule=prefill`` reproduces it).
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ from typing import ClassVar
 import torch
 
 from methods.base import Method, Observation, require
+
+SCHEDULES = ("prefill", "continuous")
+AVERAGES = ("group", "layer")
 
 
 @dataclass
@@ -44,9 +54,14 @@ class EvictionMethod(Method):
         """Float [L_h]: how much each stored token deserves to stay (higher keeps)."""
         raise NotImplementedError
 
+    def evicts_now(self, obs: Observation) -> bool:
+        """Whether this call's Observation triggers an eviction (always at prefill)."""
+        return obs.prefill or self.evict_while_decoding
+
     def compress(self, store, obs: Observation) -> None:
-        self.observe(store, obs)
-        if not (obs.prefill or self.evict_while_decoding):
+        if obs.keys is not None:  # None on kernel decode steps (nothing to observe)
+            self.observe(store, obs)
+        if not self.evicts_now(obs):
             return
         for head, budget in enumerate(self.head_budgets(obs)):
             n = obs.positions[head].numel()
@@ -66,7 +81,33 @@ class EvictionMethod(Method):
 
 
 @dataclass
-class RecentWindowEviction(EvictionMethod):
+class ScheduledEviction(EvictionMethod):
+    """Eviction whose schedule is a parameter: ``continuous`` (evict after every call, the
+    cache held at its budget; the papers' definition) or ``prefill`` (compress once after the
+    prefill and keep every later token, as kvpress does)."""
+
+    schedule: str = "continuous"
+
+    def validate(self) -> None:
+        super().validate()
+        require(
+            self.schedule in SCHEDULES,
+            self.name,
+            f"schedule must be {' or '.join(SCHEDULES)}, not '{self.schedule}'",
+        )
+
+    @property
+    def evict_while_decoding(self) -> bool:  # type: ignore[override]
+        return self.schedule == "continuous"
+
+    @property
+    def decode_needs_attention(self) -> bool:  # type: ignore[override]
+        # once compressed at prefill, decoding reads nothing: the store's kernel may run
+        return self.schedule == "continuous"
+
+
+@dataclass
+class RecentWindowEviction(ScheduledEviction):
     """Eviction that always keeps the ``recent`` newest tokens (-1: half the budget) and fills
     the rest of the budget by score."""
 
@@ -105,3 +146,12 @@ def recent_mask(obs: Observation, head: int, recent: int, sinks: int = 0) -> tor
 def group_mean(x: torch.Tensor) -> torch.Tensor:
     """[G, L] per query head -> [L] per KV head."""
     return x.float().mean(0)
+
+
+def head_mean(per_head: list[torch.Tensor], head: int, average: str) -> torch.Tensor:
+    """One score per token for KV head ``head`` from per-query-head rows ``[G, L]``:
+    ``group`` averages the head's own query group, ``layer`` every query head of the layer
+    (all KV heads then hold the same positions, so their rows line up)."""
+    if average == "group":
+        return group_mean(per_head[head])
+    return torch.cat([x.float() for x in per_head]).mean(0)

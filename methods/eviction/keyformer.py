@@ -5,7 +5,8 @@ Like H2O, but each query's contribution is a Gumbel-regularised softmax of its l
 softmax((logit + g) / tau) with g ~ Gumbel(0, 1), which keeps tokens that lose attention
 only by chance. Accumulated over the last ``window`` prompt queries and then every
 generated token; the ``recent`` newest tokens are kept. The paper anneals tau over
-decoding; kvlens keeps it fixed. Noise is seeded by (seed, layer, head, step).
+decoding; kvlens keeps it fixed. Noise is seeded by (seed, layer, head, step). Eviction runs
+at every step (``schedule=continuous``, the paper's) or once after prefill (``prefill``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ class Keyformer(RecentWindowEviction):
     name: ClassVar[str] = "keyformer"
     paper: ClassVar[str] = "Adnan et al. 2024, Keyformer: Key Tokens Selection"
     summary: ClassVar[str] = "Gumbel-regularised accumulated attention + recent window"
-    evict_while_decoding: ClassVar[bool] = True
 
     def validate(self) -> None:
         super().validate()

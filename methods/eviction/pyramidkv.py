@@ -4,8 +4,11 @@ Information Funneling").
 SnapKV's selection with budgets that shrink with depth: lower layers spread attention
 widely and get more tokens, upper layers concentrate and get fewer. Budgets form an
 arithmetic sequence from ``2*budget - budget/beta`` at layer 0 to ``budget/beta`` at the
-last layer, so the mean over layers is ``budget``. When the prompt is no longer than
-``budget``, every layer keeps everything (the pyramid would only take tokens away).
+last layer, so the mean over layers is ``budget``. As in the paper's code (KVCache-Factory),
+layer 0 never gets more than the prompt outside the window (the top is capped there and the
+bottom raised to keep the mean), and when the pyramid would leave a layer less than its
+window the budget is uniform (SnapKV). When the prompt is no longer than ``budget``, every
+layer keeps everything (the pyramid would only take tokens away).
 """
 
 from __future__ import annotations
@@ -31,9 +34,14 @@ class PyramidKV(SnapKV):
         super().validate()
         require(self.beta >= 1, self.name, f"beta must be >= 1, got {self.beta}")
 
-    def layer_budget(self, layer: int, n_layers: int) -> int:
+    def layer_budget(self, layer: int, n_layers: int, n_tokens: int) -> int:
         low = self.budget / self.beta
         high = 2 * self.budget - low
+        if high >= n_tokens - self.window:
+            high = n_tokens - self.window
+            low = 2 * self.budget - high
+        if not n_tokens >= high >= low >= self.window:
+            return self.budget
         frac = layer / max(1, n_layers - 1)
         return max(1, round(high - (high - low) * frac))
 
@@ -41,4 +49,4 @@ class PyramidKV(SnapKV):
         held = max(p.numel() for p in obs.positions)
         if held <= self.budget:  # the mean budget covers the prompt: nothing to funnel
             return [held] * len(obs.positions)
-        return [self.layer_budget(obs.layer, obs.n_layers)] * len(obs.positions)
+        return [self.layer_budget(obs.layer, obs.n_layers, held)] * len(obs.positions)

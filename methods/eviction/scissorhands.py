@@ -5,7 +5,8 @@ Tokens that were important stay important. Over a history of queries (the last
 ``history`` prompt queries at prefill, then every generated token), count for each token
 how often its attention was below the uniform share 1/(visible tokens); evict the tokens
 with the most such low-attention counts, keeping the ``recent`` newest. The paper
-compresses in blocks when the cache fills; kvlens evicts at every step (a block of one).
+compresses in blocks when the cache fills; kvlens evicts at every step (a block of one) with
+``schedule=continuous`` (the default), or only once after prefill with ``schedule=prefill``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ class Scissorhands(RecentWindowEviction):
     name: ClassVar[str] = "scissorhands"
     paper: ClassVar[str] = "Liu et al. 2023, Scissorhands: Persistence of Importance"
     summary: ClassVar[str] = "evict tokens most often below average attention in a history"
-    evict_while_decoding: ClassVar[bool] = True
 
     def validate(self) -> None:
         super().validate()

@@ -2,9 +2,9 @@
 
 After prefill, the last ``window`` prompt queries (the observation window) vote: each
 prompt token's score is the attention mass those queries give it, averaged over the
-group's query heads and smoothed by a 1-D pooling of width ``kernel`` so that neighbours
-of a strong token survive with it. Keep the window itself plus the top-scoring tokens up to
-``budget``; tokens generated later are all kept.
+group's query heads and smoothed by a 1-D pooling of width ``kernel`` over the tokens before
+the window, so that neighbours of a strong token survive with it. Keep the window itself
+plus the top-scoring tokens up to ``budget``; tokens generated later are all kept.
 """
 
 from __future__ import annotations
@@ -20,12 +20,18 @@ from methods.eviction.base import EvictionMethod, group_mean, recent_mask
 from methods.registry import register
 
 
-def pooled_window_score(obs: Observation, head: int, kernel: int, pooling: str) -> torch.Tensor:
-    score = group_mean(obs.window[head])[None, None]  # [1, 1, L]
+def pooled_window_score(
+    obs: Observation, head: int, kernel: int, pooling: str, window: int
+) -> torch.Tensor:
+    """Group-mean window votes [L], pooled over the tokens before the window (SnapKV pools the
+    prefix only: the window's own votes, kept anyway, do not spill onto its neighbours)."""
+    score = group_mean(obs.window[head])
     if kernel > 1:
+        inside = recent_mask(obs, head, window)
         pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
-        score = pool(score, kernel, stride=1, padding=kernel // 2)
-    return score[0, 0]
+        outside = score.masked_fill(inside, 0.0)[None, None]  # votes are >= 0: 0 pads both
+        score = torch.where(inside, score, pool(outside, kernel, 1, kernel // 2)[0, 0])
+    return score
 
 
 @register
@@ -63,4 +69,4 @@ class SnapKV(EvictionMethod):
         return recent_mask(obs, head, self.window)
 
     def scores(self, store, obs, head):
-        return pooled_window_score(obs, head, self.kernel, self.pooling)
+        return pooled_window_score(obs, head, self.kernel, self.pooling, self.window)
