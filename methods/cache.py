@@ -1,6 +1,6 @@
 """The compressed cache: a transformers ``Cache`` whose layers hold only what a method kept.
 
-``CompressedCache(model, method)`` goes to ``model.generate(past_key_values=...)`` or to a
+``CompressedCache(model, method)`` goes to ``model.generate(cache=...)`` or to a
 forward call unchanged. Each layer keeps, per KV head, its own tensors of the kept tokens
 (``[L_h, head_dim]`` keys and values, int32 positions, and any per-token state the method
 needs), so heads may keep different numbers of tokens and the bytes reported are the bytes
@@ -205,14 +205,24 @@ class CompressedLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         return 0 if self.store is None else self.store.nbytes()
 
-    def attend(self, query, key, value, *, scale: float, sliding_window: int | None = None):
-        """Append this call's tokens, attend over the store, let the method compress it."""
+    def attend(
+        self,
+        query,
+        key,
+        value,
+        *,
+        scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+    ):
+        """Append this call's tokens, attend over the store, let the method compress it.
+        ``softcap`` caps the logits as the model does (Gemma 2: cap * tanh(s / cap))."""
         store = self.store
         hq, tq = query.shape[1], query.shape[2]
         group = hq // store.n_heads
         new_pos = torch.arange(self.n_seen, self.n_seen + tq, device=query.device)
         store.append(key[0], value[0], new_pos)
-        if tq == 1 and sliding_window is None and self.decodes_from_store():
+        if tq == 1 and sliding_window is None and softcap is None and self.decodes_from_store():
             return self._decode_step(query, scale)
         window = max(1, min(tq, self.method.observation_window()))
         out = torch.empty_like(query)
@@ -231,6 +241,7 @@ class CompressedLayer(CacheLayerMixin):
                 scale=scale,
                 window=window,
                 sliding_window=sliding_window,
+                softcap=softcap,
             )
             out[0] = o
         for h in range(store.n_heads):
@@ -245,13 +256,15 @@ class CompressedLayer(CacheLayerMixin):
                     allowed &= pos[None, :] > new_pos[:, None] - sliding_window
                 o, st = attention_stats_reference(
                     q_h, all_keys[h][None], all_values[h][None],
-                    scale=scale, window=window, mask=allowed,
+                    scale=scale, window=window, mask=allowed, softcap=softcap,
                 )  # fmt: skip
                 out[0, rows] = o
                 head_received, head_window = st.received, st.window
             received.append(head_received)
             win.append(head_window)
-            last.append(head_received if tq == 1 else _last_row(q_h[:, -1], all_keys[h], scale))
+            last.append(
+                head_received if tq == 1 else _last_row(q_h[:, -1], all_keys[h], scale, softcap)
+            )
             window_queries.append(q_h[:, -window:])
         self.n_seen += tq
         attended = [p.cpu() for p in all_pos] if self.record_history else []
@@ -318,9 +331,14 @@ class CompressedLayer(CacheLayerMixin):
         return out.to(query.dtype)
 
 
-def _last_row(q_last: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+def _last_row(
+    q_last: torch.Tensor, keys: torch.Tensor, scale: float, softcap: float | None = None
+) -> torch.Tensor:
     """Attention of the last query (which sees every stored token): [G, L]."""
-    return torch.softmax(q_last.float() @ keys.float().T * scale, dim=-1)
+    scores = q_last.float() @ keys.float().T * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    return torch.softmax(scores, dim=-1)
 
 
 class CompressedCache(Cache):

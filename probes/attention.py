@@ -23,7 +23,6 @@ from kernels.attention_stats import (
     attention_stats_reference,
     attention_with_stats,
 )
-from probes.errors import KvlensError
 
 ATTN_NAME = "kvlens"
 
@@ -147,13 +146,9 @@ def kvlens_attention(
             raise RuntimeError(
                 f"compressed cache layer {pending.layer_idx} attended at layer {layer}"
             )
-        if softcap is not None:
-            raise KvlensError(
-                "compressed caches do not support attention logit soft-capping yet "
-                f"(this model caps logits at {softcap}, e.g. Gemma 2); "
-                "probe it or use the full cache"
-            )
-        output = pending.attend(query, key, value, scale=scale, sliding_window=sliding_window)
+        output = pending.attend(
+            query, key, value, scale=scale, sliding_window=sliding_window, softcap=softcap
+        )
         return output.transpose(1, 2).contiguous(), None
     rec = _RECORDER.get()
     recording_here = rec is not None and rec.wants(layer)

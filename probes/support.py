@@ -10,8 +10,8 @@ weights, so it answers in seconds even for models that would not fit in memory. 
   * pre-RoPE keys need a key projection to hook: ``k_proj``, or a fused q/k/v projection of
     known layout (Phi-3's ``qkv_proj``, GPT-NeoX's ``query_key_value``); GPT-2's ``c_attn``
     is neither;
-  * compressed caches (``compare``, the X-ray, ``ask``) do not apply attention logit
-    soft-capping (Gemma 2), so they refuse such models rather than compute wrong attention.
+  * compressed caches (``compare``, the X-ray, ``ask``) apply attention logit soft-capping
+    (Gemma 2) like the model does, on the exact path (the decode kernels have no cap).
 """
 
 from __future__ import annotations
@@ -48,30 +48,16 @@ class Support:
         return self.missing[feature] is None
 
 
-def softcap_reason(model) -> str | None:
-    """Why compressed caches cannot serve ``model`` (logit soft-capping), or None."""
-    cfg = model.config
-    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    cap = getattr(text_cfg, "attn_logit_softcapping", None)
-    if cap is None:
-        return None
-    return (
-        f"compressed caches do not apply attention logit soft-capping yet "
-        f"({type(model).__name__} caps logits at {cap})"
-    )
-
-
 def feature_support(model) -> Support:
     """What kvlens can do with ``model`` (loaded, or built on the meta device)."""
     reason = unsupported_reason(model)
     if reason:
         raise KvlensError(reason)
-    softcap = softcap_reason(model)
     missing = {
         "probe": None,
         "key_pre_rope": missing_key_projection(model),
-        "compare": softcap,
-        "xray": softcap,
+        "compare": None,
+        "xray": None,
         "dump": None,
     }
     return Support(facts=model_facts(model), missing=missing)

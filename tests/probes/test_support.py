@@ -22,7 +22,7 @@ EXPECTED_MISSING = {  # family -> features kvlens refuses for it (the README's m
     "mistral": set(),
     "qwen2": set(),
     "qwen3": set(),
-    "gemma2": {"compare", "xray"},
+    "gemma2": set(),
     "gemma3": set(),
     "phi": set(),
     "phi3": set(),
