@@ -223,7 +223,7 @@ def render() -> None:
         if st.button(
             "Run probe",
             type="primary",
-            key="probe_run_btn",
+            key="probe_run",
             help="one forward pass (plus the generated tokens) recording attention and K/V",
         ):
             if source == "needle task":

@@ -161,9 +161,9 @@ def test_a_new_user_walks_through_the_app(server, browser, tmp_path):
     page.get_by_role("textbox", name="prompt").blur()
     page.wait_for_timeout(1000)
     page.get_by_role("link", name="Attention").click()
-    page.get_by_text("No trace yet").wait_for(timeout=30_000)
+    page.get_by_text("No trace yet").wait_for(timeout=90_000)
     page.get_by_role("link", name="Probe").click()
-    page.get_by_role("button", name="Run probe").wait_for(timeout=30_000)
+    page.get_by_role("button", name="Run probe").wait_for(timeout=90_000)
     assert page.get_by_role("textbox", name="prompt").input_value() == prompt
 
     # broken 5: the sidebar names the trace as soon as the probe is done

@@ -179,7 +179,7 @@ def test_lab_shows_output_as_text_and_never_a_previous_traces_result(smol, in_tm
     at.run()
     at.radio(key="probe_source").set_value("prompt")
     at.text_area(key="probe_prompt").input(passage(1)).run()
-    at.button(key="probe_run_btn").click().run()
+    at.button(key="probe_run").click().run()
     assert not at.exception and not at.error
     second = at.session_state["trace"]
     assert second.n_tokens != first.n_tokens
