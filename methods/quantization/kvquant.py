@@ -13,6 +13,8 @@ models with standard (rotate-half) RoPE, such as SmolLM2 and Llama.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -83,20 +85,40 @@ class KVQuant(PromptEncoder):
         )
 
     def setup(self, model) -> None:
-        rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+        rotary = getattr(model.base_model, "rotary_emb", None)
         if rotary is None:
             raise KvlensError(
-                "kvquant needs a model with a standard rotary embedding (model.model.rotary_emb)"
+                f"kvquant needs a rotary embedding (model.base_model.rotary_emb); "
+                f"{type(model).__name__} has none"
             )
         self._rotary = rotary
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+        # models with per-layer RoPE (Gemma 3: local and global layers) name the layer's type
+        wants_type = "layer_type" in inspect.signature(type(rotary).forward).parameters
+        self._layer_types = (
+            getattr(cfg or model.config, "layer_types", None) if wants_type else None
+        )
 
-    def rope(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool) -> torch.Tensor:
-        cos, sin = self._rotary(x[None].float(), positions[None])
+    def rope(
+        self, x: torch.Tensor, positions: torch.Tensor, inverse: bool, layer: int = 0
+    ) -> torch.Tensor:
+        """Apply (or undo) the model's RoPE at ``positions`` to x [L, D]; channels past the
+        rotary dimension (partial rotary) pass unchanged."""
+        args = [x[None].float(), positions[None]]
+        if self._layer_types is not None:
+            args.append(self._layer_types[layer])
+        cos, sin = self._rotary(*args)
         cos, sin = cos[0].float(), sin[0].float()
-        return x * cos - _rotate_half(x) * sin if inverse else x * cos + _rotate_half(x) * sin
+        r = cos.shape[-1]
+        rot, rest = x[..., :r], x[..., r:]
+        turned = (
+            rot * cos - _rotate_half(rot) * sin if inverse else rot * cos + _rotate_half(rot) * sin
+        )
+        return torch.cat([turned, rest], dim=-1)
 
     def encode_head(self, obs, head, keys, values, positions):
-        pre = self.rope(keys.float(), positions.long(), inverse=True)  # [L, D]
+        rope = functools.partial(self.rope, layer=obs.layer)
+        pre = rope(keys.float(), positions.long(), inverse=True)  # [L, D]
         n_out = int(self.outliers * pre.numel())
         idx = (
             torch.topk(pre.abs().reshape(-1), n_out).indices
@@ -118,5 +140,5 @@ class KVQuant(PromptEncoder):
             self.bits,
             quantize(values, self.bits, -1),
             positions.clone(),
-            self.rope,
+            rope,
         )

@@ -16,6 +16,7 @@ import torch
 
 from methods.evaluate import compare
 from methods.xray import xray
+from probes import KvlensError
 from tests.architectures import FAMILIES, tiny_model
 from tests.conftest import passage
 
@@ -95,3 +96,19 @@ def test_a_cache_that_keeps_everything_matches_the_full_cache(family, smol, prom
     full, got = result.results
     assert got.token_ids == full.token_ids
     assert got.kl_max < 1e-6
+
+
+@pytest.mark.parametrize("family", COMPRESSED)
+def test_kvquant_undoes_each_family_s_rope(family, smol, prompt_ids):
+    """KVQuant quantises pre-RoPE keys: it un-rotates with the model's own RoPE (per layer
+    type in Gemma 3, only the rotary channels under partial rotary); at 8 bits it stays close
+    to the full cache. GPT-2 has no RoPE: one line says so."""
+    model = tiny_model(family)
+    specs = ["full", "kvquant:bits=8,outliers=0.01"]
+    if getattr(model.base_model, "rotary_emb", None) is None:
+        with pytest.raises(KvlensError, match="rotary") as err:
+            compare(model, smol[1], prompt_ids, specs, max_new_tokens=2)
+        assert "\n" not in str(err.value)
+        return
+    got = compare(model, smol[1], prompt_ids, specs, max_new_tokens=3).results[1]
+    assert got.kl_max < 0.05
