@@ -37,7 +37,8 @@ def test_bad_flags_give_one_line_naming_the_problem(tmp_path, args, named):
     assert "Traceback" not in result.stderr
 
 
-def test_the_app_shows_a_refused_probe_and_stays_up():
+def test_the_app_shows_a_refused_probe_and_stays_up(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the probe page auto-saves traces under ./cache_dumps
     at = AppTest.from_string("from pages import probe\nprobe.render()\n", default_timeout=300)
     at.run()
     at.text_area(key="probe_prompt").input(passage(125))  # about 8000 tokens
