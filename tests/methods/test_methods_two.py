@@ -195,3 +195,30 @@ def test_every_method_lists_and_runs_through_compare(smol, name):
     ids = tok(passage(2))["input_ids"]
     r = compare(model, tok, ids, f"full,{name}", max_new_tokens=3).results[1]
     assert r.family == available()[name].family and r.bytes > 0 and len(r.kl_per_step) == 3
+
+
+@pytest.mark.parametrize("pool", ["norm", "square"])
+def test_think_group_pooling_follows_its_stated_formula(pool):
+    """``norm``: mean over the group of per-head query norms times the key norm (kvlens);
+    ``square``: kvpress's ThinKPress ranking (mean squared query norm times mean squared key),
+    computed here with numpy; on this crafted group the two keep different channels."""
+    import types
+
+    import numpy as np
+
+    from methods.lowrank.think import ThinK
+
+    q = np.full((2, 8, 16), 0.1)
+    q[0, :, 3], q[1, :, 3] = 10 / np.sqrt(8), 0.0  # one head: norms 10 and 0
+    q[:, :, 5] = 6 / np.sqrt(8)  # both heads: norm 6
+    keys = np.ones((40, 16))
+    obs = types.SimpleNamespace(window_queries=[torch.tensor(q, dtype=torch.float32)])
+    method = create(f"think:prune=0.9375,group_pool={pool}")  # keeps 1 of 16 channels
+    k = torch.tensor(keys, dtype=torch.float32)
+    enc = method.encode_head(obs, 0, k, torch.zeros_like(k), torch.arange(40))
+    if pool == "square":
+        score = (q**2).mean(1).mean(0) * (keys**2).mean(0)
+    else:
+        score = np.linalg.norm(q, axis=1).mean(0) * np.linalg.norm(keys, axis=0)
+    assert enc.channels.tolist() == [int(np.argmax(score))] == [3 if pool == "square" else 5]
+    assert isinstance(method, ThinK)
