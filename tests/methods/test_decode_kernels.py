@@ -21,6 +21,9 @@ SPECS = {
     "streamingllm": "streamingllm:budget=96,sinks=4",
     "recent": "recent:budget=96",
     "random": "random:budget=96",
+    "knorm": "knorm:budget=96",
+    "keydiff": "keydiff:budget=96",
+    "expected_attention": "expected_attention:budget=96,window=16",
     "kivi": "kivi:bits=2,group=32,residual=32",
     "int8": "int8",
 }

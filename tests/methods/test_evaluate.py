@@ -7,6 +7,7 @@ import json
 import pytest
 
 from methods.evaluate import compare
+from methods.registry import create
 from probes import KvlensError
 from probes.tasks import make_task
 from tests.app.test_cli import run
@@ -71,7 +72,9 @@ def test_cli_compare_writes_json_and_prints_a_row_per_method(tmp_path):
         and lines[2].startswith("tova")
     )
     data = json.loads(out.read_text())
-    assert [r["spec"] for r in data["results"]] == ["full", "tova:budget=64"]
+    # the JSON names every parameter, defaults included, so the run can be repeated exactly
+    assert [r["spec"] for r in data["results"]] == ["full", create("tova:budget=64").spec()]
+    assert "schedule=continuous" in data["results"][1]["spec"]
     assert data["settings"]["task"]["kind"] == "niah"
 
 
