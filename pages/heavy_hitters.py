@@ -34,18 +34,7 @@ def render() -> None:
         scores = state.table("hh_scores", lambda: heavy_hitters.token_scores(trace))
     st.subheader("Heaviest tokens (mean over layers and heads)")
     st.dataframe(top.head(k), hide_index=True)
-    mean = scores.group_by("position").agg(pl.col(by).mean()).sort("position")
-    st.plotly_chart(
-        figures.token_scores(
-            mean["position"].to_list(),
-            trace.tokens,
-            mean[by].to_list(),
-            f"{by} per token, mean over heads",
-            highlight=set(top.head(k)["position"].to_list()),
-            y_title=by,
-        ),
-        key="hh_bar",
-    )
+    _token_bars(scores, top, trace.tokens, by, k, f"{by} per token, mean over heads", "hh_bar")
     st.caption(
         f"Attention each token receives, averaged over all heads; the top {k} in blue. A few "
         "tokens draw most of the attention: the heavy hitters H2O (Zhang et al., 2023) keeps."
@@ -105,16 +94,22 @@ def _second_tokens(by: str, k: int) -> None:
         return
     scores = state.second_table("hh_scores", heavy_hitters.token_scores)
     top = state.second_table(f"hh_model_{by}", lambda t: heavy_hitters.model_top(t, 30, by))
+    title = f"{state.second_label()}: {by} per token"
+    _token_bars(scores, top, second.tokens, by, k, title, "hh_bar_second")
+    st.caption("The same view for the trace chosen in the sidebar's 'compare with'.")
+
+
+def _token_bars(scores, top, tokens: list[str], by: str, k: int, title: str, key: str) -> None:
+    """Bars of ``by`` per token (mean over layers and heads), the top ``k`` highlighted."""
     mean = scores.group_by("position").agg(pl.col(by).mean()).sort("position")
     st.plotly_chart(
         figures.token_scores(
             mean["position"].to_list(),
-            second.tokens,
+            tokens,
             mean[by].to_list(),
-            f"{state.second_label()}: {by} per token",
+            title,
             highlight=set(top.head(k)["position"].to_list()),
             y_title=by,
         ),
-        key="hh_bar_second",
+        key=key,
     )
-    st.caption("The same view for the trace chosen in the sidebar's 'compare with'.")
