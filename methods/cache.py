@@ -230,6 +230,9 @@ class CompressedLayer(CacheLayerMixin):
         # read once per call: encoded and quantised stores rebuild these on every read
         all_keys, all_values = store.keys, store.values
         all_pos = [p.to(torch.int64) for p in store.positions]
+        # a store may weight its tokens in the logits (a merged centroid of n tokens adds
+        # log n: methods.merging.kvcluster); read on every call after the first
+        bias = store.logit_bias() if hasattr(store, "logit_bias") else None
         first_call = self.n_seen == 0
         if first_call:
             # every head holds the whole causal prompt: one dispatched call (the Triton
@@ -254,9 +257,12 @@ class CompressedLayer(CacheLayerMixin):
                 allowed = pos[None, :] <= new_pos[:, None]
                 if sliding_window is not None:
                     allowed &= pos[None, :] > new_pos[:, None] - sliding_window
+                mask = allowed
+                if bias is not None:  # additive: the bias where allowed, -inf elsewhere
+                    mask = torch.where(allowed, bias[h].float()[None, :], float("-inf"))
                 o, st = attention_stats_reference(
                     q_h, all_keys[h][None], all_values[h][None],
-                    scale=scale, window=window, mask=allowed, softcap=softcap,
+                    scale=scale, window=window, mask=mask, softcap=softcap,
                 )  # fmt: skip
                 out[0, rows] = o
                 head_received, head_window = st.received, st.window

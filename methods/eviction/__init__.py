@@ -7,6 +7,7 @@ from methods.eviction import (  # noqa: F401
     keydiff,
     keyformer,
     knorm,
+    kvcrush,
     pyramidkv,
     random_keep,
     recent,

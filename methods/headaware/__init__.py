@@ -1,3 +1,3 @@
 """Head-aware methods: each module registers its methods."""
 
-from methods.headaware import razor  # noqa: F401
+from methods.headaware import compresskv, razor, taskkv  # noqa: F401

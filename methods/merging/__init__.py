@@ -1,3 +1,3 @@
 """The merging family: each module registers one method."""
 
-from methods.merging import d2o, minicache  # noqa: F401
+from methods.merging import cam, d2o, ems, kvcluster, minicache  # noqa: F401
