@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from methods.eviction.base import AVERAGES, SCHEDULES
 from methods.eviction.h2o import NORMALISATIONS
+from methods.eviction.kvcrush import ANCHORS
+from methods.headaware.taskkv import SCOPES
 from probes.errors import KvlensError
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -16,6 +18,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "normalise": NORMALISATIONS,
     "average": AVERAGES,
     "key_grouping": ("channel", "token"),
+    "anchor": ANCHORS,
+    "scope": SCOPES,
 }
 
 HELP: dict[str, str] = {
@@ -37,7 +41,7 @@ HELP: dict[str, str] = {
     "rank": "rank of the low-rank approximation",
     "value_rank": "rank for values; -1 uses the key rank",
     "prune": "fraction of key channels dropped",
-    "heads": "fraction of heads treated as retrieval heads (keep everything)",
+    "heads": "fraction of heads kept whole (retrieval heads; Task-KV: heterogeneous heads)",
     "scores": "head profile file with retrieval scores; empty = measure them",
     "floor": "share of the budget every head gets before the rest is shared out",
     "beta": "how steeply budgets fall from lower to higher layers",
@@ -48,6 +52,17 @@ HELP: dict[str, str] = {
     "low_bits": "bit width of the other tokens",
     "tau": "temperature of the Gumbel noise on the scores",
     "seed": "random seed",
+    "alpha": "weight of the global (accumulated) score against the local (window) score",
+    "centres": "fraction of the budget spent on merged centres of evicted tokens",
+    "merge": "kept tokens each evicted value is spread over",
+    "sample": "draw each merge at random (the paper) or merge its expected share",
+    "chunk": "tokens per chunk in which similar keys are matched and merged",
+    "proportional": "centroids attend as the tokens they merged (log size added to the logit)",
+    "crush": "fraction of the budget kept as representatives of the evicted tokens",
+    "anchor": "reference vector the head-behaviour bits are compared to",
+    "heads_per_layer": "retrieval heads per layer whose votes choose every head's tokens",
+    "profile": "retrieval-heads or head-profile parquet; empty = measure echo + induction",
+    "scope": "rank heads within each layer, or across the whole model",
 }
 
 # parameters counted in prompt tokens

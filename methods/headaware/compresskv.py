@@ -3,10 +3,10 @@ Important Before Generation").
 
 In a GQA model every KV head's eviction usually follows the votes of its own query group, and
 heads that never look far back (local, sink heads) then throw away the tokens that matter.
-CompressKV lets a few semantic retrieval heads per layer decide for all of them: the ``heads``
-query heads of each layer with the highest retrieval score choose, by SnapKV's pooled
-observation-window votes averaged over those heads only, the tokens every KV head of the
-layer keeps (plus the window itself).
+CompressKV lets a few semantic retrieval heads per layer decide for all of them: the
+``heads_per_layer`` query heads of each layer with the highest retrieval score choose, by
+SnapKV's pooled observation-window votes averaged over those heads only, the tokens every
+KV head of the layer keeps (plus the window itself).
 
 Retrieval scores come from kvlens, as RazorAttention's and DuoAttention's do
 (``methods.headaware.razor.head_scores``): the ``retrieval`` column (Wu et al.'s score) of a
@@ -42,7 +42,7 @@ def chosen_heads(scores, n_layers: int, per_layer: int) -> dict[int, list[int]]:
 @register
 @dataclass
 class CompressKV(SnapKV):
-    heads: int = 2
+    heads_per_layer: int = 2
     profile: str = ""
 
     name: ClassVar[str] = "compresskv"
@@ -58,12 +58,18 @@ class CompressKV(SnapKV):
 
     def validate(self) -> None:
         super().validate()
-        require(self.heads >= 1, self.name, f"heads must be >= 1 per layer, got {self.heads}")
+        require(
+            self.heads_per_layer >= 1,
+            self.name,
+            f"heads_per_layer must be >= 1, got {self.heads_per_layer}",
+        )
 
     def setup(self, model) -> None:
         column = "retrieval" if self.profile else "echo+induction"
         scores = head_scores(model, self.profile, column)
-        self.retrieval_heads = chosen_heads(scores, model.config.num_hidden_layers, self.heads)
+        self.retrieval_heads = chosen_heads(
+            scores, model.config.num_hidden_layers, self.heads_per_layer
+        )
 
     def scores(self, store, obs: Observation, head: int) -> torch.Tensor:
         votes = torch.cat([w.float() for w in obs.window])  # [Hq, L]: the layer's query heads

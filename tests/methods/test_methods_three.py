@@ -113,9 +113,10 @@ def test_bytes_are_the_stored_tensors(smol, ids, spec):
         ("kvcluster:budget=30,sinks=4,recent=32", "recent"),
         ("kvcrush:crush=1", "crush"),
         ("kvcrush:anchor=ones", "anchor"),
-        ("compresskv:heads=0", "heads"),
+        ("compresskv:heads_per_layer=0", "heads_per_layer"),
         ("taskkv:heads=1.5", "heads"),
         ("taskkv:budget=20,recent=32", "recent"),
+        ("taskkv:scope=all", "scope"),
     ],
 )
 def test_bad_parameters_are_one_line(spec, word):
@@ -316,7 +317,7 @@ def test_compresskv_lets_the_retrieval_heads_choose_for_every_kv_head():
     window[1][2, 5:10] = 5.0  # query head 5 of the layer (KV head 1) points at tokens 5..9
     keys = torch.randn(3, n, d, generator=g)
     store, obs = observation(keys, torch.randn(3, n, d, generator=g), window=window)
-    method = create("compresskv:budget=8,window=3,kernel=1,heads=1")
+    method = create("compresskv:budget=8,window=3,kernel=1,heads_per_layer=1")
     method.retrieval_heads = {0: [5]}
     method.compress(store, obs)
     for kept in store.positions:  # every KV head keeps head 5's choice, and the window
@@ -330,7 +331,7 @@ def test_compresskv_lets_the_retrieval_heads_choose_for_every_kv_head():
 def test_compresskv_picks_each_layer_s_top_scoring_heads(smol):
     from methods.headaware.razor import head_scores
 
-    method = create("compresskv:heads=2")
+    method = create("compresskv:heads_per_layer=2")
     method.setup(smol[0])
     scores = head_scores(smol[0], "", "echo+induction")
     for layer in (0, 17):
@@ -363,3 +364,42 @@ def test_taskkv_heterogeneous_head_keeps_all_and_the_others_sinks_recent_middle(
         want = int(window[h][0, 2:25].argmax()) + 2
         assert middle == {want}
     assert 10 in store.positions[2].tolist()
+
+
+def test_taskkv_model_scope_ranks_heads_across_layers():
+    g = torch.Generator().manual_seed(7)
+    n, d = 30, 4
+    method = create("taskkv:budget=8,sinks=2,recent=5,window=4,heads=0.17,scope=model")
+    stores = []
+    for layer in range(2):
+        keys = torch.randn(3, n, d, generator=g)
+        values = torch.randn(3, n, d, generator=g)
+        if layer == 0:
+            values = 0.01 * values
+            values[1] += torch.tensor([10.0, 0, 0, 0])  # far from its layer's centre
+        queries = [torch.randn(1, 4, d, generator=g) for _ in range(3)]
+        window = [torch.rand(1, n, generator=g) for _ in range(3)]
+        store, obs = observation(keys, values, window=window, queries=queries)
+        obs.layer, obs.n_layers = layer, 2
+        method.compress(store, obs)
+        stores.append(store)
+        if layer == 0:  # nothing is decided before the last layer
+            assert store.lengths() == [n, n, n]
+    # one KV head of six stays whole: the one farthest from its centre, relative to its layer
+    assert method.last_heterogeneous == [[False, True, False], [False, False, False]]
+    assert stores[0].lengths() == [8, n, 8] and stores[1].lengths() == [8, 8, 8]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_the_lab_and_the_cli_list_every_method_with_help_for_each_parameter(name, capsys):
+    from app.cli import cmd_methods
+    from app.lab_params import HELP
+    from methods.registry import available
+
+    cls = available()[name]
+    assert cls.paper and cls.summary
+    missing = [p for p, _t, _d in cls.parameters() if p not in HELP]
+    assert not missing, missing
+    cmd_methods(None)
+    listing = capsys.readouterr().out
+    assert f"\n{name} " in listing and cls.paper in listing
