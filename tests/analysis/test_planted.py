@@ -95,6 +95,15 @@ def test_identical_layers_have_similarity_and_cka_one():
     assert cka.filter(layer_a=0, layer_b=2)["cka"][0] < 0.6
 
 
+def test_the_cka_table_is_linear_cka_of_every_pair():
+    kv = random_kv(4, 2, 48, 16)
+    t = trace(n_tokens=48, n_layers=4, tensors=kv)
+    table = cross_layer.cka(t, "key")
+    for a, b, value in table.select("layer_a", "layer_b", "cka").rows():
+        x, y = (kv[f"layers.{n}.key"].permute(1, 0, 2).flatten(1) for n in (a, b))
+        assert value == (1.0 if a == b else cross_layer.linear_cka(x, y))
+
+
 def test_stacked_identical_layers_need_no_extra_rank():
     kv = random_kv(2, 1, 64, 8)
     low_rank = torch.randn(1, 64, 2) @ torch.randn(1, 2, 8)
