@@ -414,19 +414,25 @@ def cmd_ask(args) -> int:
     from methods.ask import answers_to_json, ask
     from methods.registry import create, split_specs
     from probes import load_model
-    from probes.tasks import make_qa_task
+    from probes.tasks import context_and_question, make_qa_task, make_task
 
     specs = split_specs(args.methods)
     for spec in specs:
         create(spec)
     if args.task is None and args.context_file is None:
-        raise KvlensError("give --context-file with --question (repeatable), or --task multikey")
+        raise KvlensError(
+            "give --context-file with --question (repeatable), or --task niah|multikey"
+        )
     if args.task is not None and (args.context_file or args.question):
         raise KvlensError("give either --task or --context-file/--question, not both")
     print(f"loading {args.model} ...", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=args.device)
     gold = None
-    if args.task:
+    if args.task == "niah":  # one needle at --depth, its question held back
+        one = make_task("niah", args.length, tokenizer, depth=args.depth, seed=args.seed)
+        context, question = context_and_question(one)
+        questions, gold = [question], one.answers
+    elif args.task:
         task = make_qa_task(args.length, tokenizer, n_keys=args.keys, seed=args.seed)
         context, questions, gold = task.context, task.questions, task.answers
     else:
@@ -614,10 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-file")
     p.add_argument("--question", action="append", help="a question (repeat the flag for more)")
     p.add_argument(
-        "--task", choices=["multikey"], help="a generated context with one question per key"
+        "--task",
+        choices=["niah", "multikey"],
+        help="a generated context: niah one needle and its question, multikey one question per key",
     )
     p.add_argument("--length", type=_positive_int, default=1024)
     p.add_argument("--keys", type=_positive_int, default=4)
+    p.add_argument("--depth", type=_depth, default=0.5, help="niah: needle depth in [0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="full,snapkv:budget=128,streamingllm:budget=128")
     p.add_argument(

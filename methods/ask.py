@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from methods.cache import CompressedCache
+from methods.evaluate import prefill_logits
 from methods.registry import create, split_specs
 from probes.compat import cache_arg
 from probes.errors import KvlensError
@@ -36,15 +37,12 @@ class Answer:
     compressions: int  # prefill compressions per layer behind this answer
 
 
-def compress_context(model, context_ids: list[int], spec: str) -> CompressedCache:
-    """Prefill ``context_ids`` through a fresh compressed cache of ``spec`` (one compression)."""
+def compress_context(model, context_ids: list[int], spec: str, tokenizer=None) -> CompressedCache:
+    """Prefill ``context_ids`` through a fresh compressed cache of ``spec`` (one compression;
+    ``tokenizer`` for methods whose pass after the prefill needs one, as KVzip's replay)."""
     cache = CompressedCache(model, create(spec))
     with torch.inference_mode():
-        model(
-            input_ids=torch.tensor([context_ids], device=model.device),
-            **cache_arg(model, cache),
-            use_cache=True,
-        )
+        prefill_logits(model, context_ids, cache, tokenizer)
     return cache
 
 
@@ -56,9 +54,10 @@ def answer_question(
         return _answer(model, cache, question_ids, max_new_tokens, eos)
 
 
-def _answer(model, cache, question_ids: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
-    ids = torch.tensor([question_ids], device=model.device)
-    logits = model(input_ids=ids, **cache_arg(model, cache), use_cache=True).logits[0, -1]
+def _answer(
+    model, cache, question_ids: list[int], max_new_tokens: int, eos: set[int], tokenizer=None
+) -> list[int]:
+    logits = prefill_logits(model, question_ids, cache, tokenizer)
     out = []
     for i in range(max_new_tokens):
         tok = int(logits.argmax())
@@ -134,12 +133,12 @@ def ask(
             if progress:
                 progress(spec)
             if not question_aware:
-                cache = compress_context(model, context_ids, spec)  # the one compression
+                cache = compress_context(model, context_ids, spec, tokenizer)  # compressed once
             for i, q in enumerate(question_ids):
                 t0 = time.perf_counter()
                 if question_aware:
                     used = CompressedCache(model, create(spec))
-                    toks = _answer(model, used, context_ids + q, max_new_tokens, eos)
+                    toks = _answer(model, used, context_ids + q, max_new_tokens, eos, tokenizer)
                     source = used
                 else:
                     used = cache.copy()

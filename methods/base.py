@@ -65,6 +65,9 @@ class Method:
     #: steps; methods that do not (position rules, prefill-only eviction, quantisation) let
     #: the cache decode through the store's kernel, and get those Observation fields as None
     decode_needs_attention: ClassVar[bool] = True
+    #: whether the method runs a pass of its own over the model once the prefill is stored
+    #: (KVzip's context replay): ``CompressedCache.prepare`` then calls ``prepare``
+    prepares: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -78,6 +81,11 @@ class Method:
 
     def setup(self, model) -> None:
         """Called once per compressed cache with the model (e.g. to score heads)."""
+
+    def prepare(self, model, cache, context_ids: list[int], tokenizer) -> None:
+        """Called once after the first prefill of ``context_ids`` into ``cache`` (a
+        ``methods.cache.CompressedCache``), by ``methods.evaluate.prefill_logits``, the one
+        path every entry point prefills through; only when ``prepares`` is True."""
 
     def new_store(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
         """The storage this method's layers keep (default: per-head full-precision tokens)."""

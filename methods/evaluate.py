@@ -57,10 +57,15 @@ class Comparison:
         return {"settings": self.settings, "results": [asdict(r) for r in self.results]}
 
 
-def prefill_logits(model, ids: list[int], cache) -> torch.Tensor:
-    """Run the prompt into ``cache``; the next-token logits after it."""
+def prefill_logits(model, ids: list[int], cache, tokenizer=None) -> torch.Tensor:
+    """Run the prompt into ``cache``; the next-token logits after it. The one path every
+    entry point prefills through: a compressed cache then lets its method run the pass it
+    needs after the prefill (``CompressedCache.prepare``: KVzip's replay, with ``tokenizer``)."""
     batch = torch.tensor([ids], device=model.device)
-    return model(input_ids=batch, **cache_arg(model, cache), use_cache=True).logits[0, -1].float()
+    out = model(input_ids=batch, **cache_arg(model, cache), use_cache=True).logits[0, -1].float()
+    if isinstance(cache, CompressedCache):
+        cache.prepare(model, ids, tokenizer)
+    return out
 
 
 def step_logits(model, token: int, cache) -> torch.Tensor:
@@ -162,7 +167,7 @@ def _compare(
         cont_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
 
     def prefill(cache) -> torch.Tensor:
-        return prefill_logits(model, prompt_ids, cache)
+        return prefill_logits(model, prompt_ids, cache, tokenizer)
 
     results: list[MethodResult] = []
     with torch.inference_mode():

@@ -67,7 +67,15 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def create(spec: str) -> Method | None:
-    """A validated method from its spec string; ``None`` for ``full`` (no compression)."""
+    """A validated method from its spec string; ``None`` for ``full`` (no compression).
+    ``first+second`` composes two methods (``methods.compose``: eviction, then quantisation)."""
+    if "+" in spec:
+        from methods.compose import compose
+
+        parts = spec.split("+")
+        if len(parts) != 2:
+            raise KvlensError(f"compose two methods with one '+', not {len(parts)} in '{spec}'")
+        return compose(create(parts[0]), create(parts[1]))
     name, params = parse_spec(spec)
     if name == FULL:
         if params:
@@ -91,13 +99,16 @@ def create(spec: str) -> Method | None:
 def split_specs(text: str) -> list[str]:
     """Split ``"full,snapkv:budget=128,window=32,h2o:budget=64"`` into one spec per method.
 
-    A comma starts a new spec only when the next part names a method (has no '=').
+    A comma starts a new spec only when the next part names a method (has no '=' before any
+    ':'); in a composition ``snapkv:budget=64,window=8+kivi:bits=4`` the part
+    ``window=8+kivi:bits=4`` continues the spec before it.
     """
     specs: list[str] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
-        if "=" in part and ":" not in part and specs:
+        head = part.split("+", 1)[0]
+        if "=" in head and ":" not in head and specs:
             specs[-1] += "," + part
         else:
             specs.append(part)

@@ -71,16 +71,20 @@ def xray(
     with torch.inference_mode():
         full_cache = DynamicCache()
         reference, ref_logits = greedy(
-            model, prefill_logits(model, prompt_ids, full_cache), full_cache, max_new_tokens, set()
+            model,
+            prefill_logits(model, prompt_ids, full_cache, tokenizer),
+            full_cache,
+            max_new_tokens,
+            set(),
         )
         own = CompressedCache(model, create(spec))
         generated, _ = greedy(
-            model, prefill_logits(model, prompt_ids, own), own, max_new_tokens, set()
+            model, prefill_logits(model, prompt_ids, own, tokenizer), own, max_new_tokens, set()
         )
         cache = CompressedCache(model, method)
         cache.record_xray()
         tf_logits = teacher_forced(
-            model, prefill_logits(model, prompt_ids, cache), cache, reference
+            model, prefill_logits(model, prompt_ids, cache, tokenizer), cache, reference
         )
     kls, _agree = divergence(ref_logits, tf_logits)
     # the full model's attention rows along the same tokens: step s is the query that produces

@@ -175,6 +175,15 @@ def make_task(
     )
 
 
+def context_and_question(task: Task) -> tuple[str, str]:
+    """A niah or multikey task's prompt cut where its question starts: (context, question),
+    so a method can compress the context before the question is seen."""
+    cut = task.prompt.rfind("\n\nQuestion:")
+    if task.kind not in ("niah", "multikey") or cut < 0:
+        raise KvlensError(f"a {task.kind} task has no question to hold back")
+    return task.prompt[:cut], task.prompt[cut:]
+
+
 def repeated_random_tokens(
     period: int, vocab_size: int, seed: int = 0, prefix: list[int] | None = None, low: int = 1000
 ) -> tuple[list[int], int]:

@@ -8,6 +8,7 @@ from methods.eviction import (  # noqa: F401
     keyformer,
     knorm,
     kvcrush,
+    kvzip,
     pyramidkv,
     random_keep,
     recent,

@@ -7,7 +7,7 @@ import pytest
 
 from methods.ask import answer_question, ask, compress_context
 from probes import KvlensError
-from probes.tasks import make_qa_task
+from probes.tasks import context_and_question, make_qa_task, make_task
 from tests.app.test_cli import run
 
 
@@ -83,3 +83,34 @@ def test_cli_ask_prints_a_row_per_method_and_question():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("method") and len(lines) == 1 + 2 * 2
+
+
+def test_niah_context_and_question_split_the_prompt(smol):
+    _, tok = smol
+    one = make_task("niah", 200, tok, depth=0.3, seed=1)
+    context, question = context_and_question(one)
+    assert context + question == one.prompt
+    assert question.startswith("\n\nQuestion:") and "Question:" not in context
+    assert one.answers[0] in context
+    with pytest.raises(KvlensError, match="no question"):
+        context_and_question(make_task("vartrack", 200, tok))
+
+
+def test_cli_ask_niah_with_a_composed_method():
+    result = run(
+        "ask",
+        "--task",
+        "niah",
+        "--length",
+        "200",
+        "--depth",
+        "0.3",
+        "--methods",
+        "full,snapkv:budget=48,window=8+kivi:bits=4,group=16,residual=0",
+        "--max-new-tokens",
+        "4",
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("method") and len(lines) == 1 + 2
+    assert lines[2].startswith("snapkv:budget=48,window=8")
