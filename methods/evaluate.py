@@ -6,6 +6,8 @@ compressed cache, a teacher-forced pass over the full cache's own greedy continu
 per-step KL(full || method) and top-1 agreement of the next-token distributions. Teacher
 forcing keeps one early difference from compounding. Perplexity is measured on a reference
 continuation, the task's gold answer when there is one, else the full cache's continuation.
+The two runs of a method share every step where they feed the same token (``replay``): the
+numbers are those of two separate runs, the time is the prefill plus the greedy run's steps.
 """
 
 from __future__ import annotations
@@ -94,6 +96,56 @@ def teacher_forced(model, first_logits, cache, tokens: list[int]) -> list[torch.
     for tok in tokens[:-1]:
         logits.append(step_logits(model, tok, cache))
     return logits
+
+
+def replay(
+    model,
+    first_logits: torch.Tensor,
+    cache,
+    reference: list[int],
+    n: int,
+    eos: set[int],
+    measure: Callable[[object], object] | None = None,
+) -> tuple[list[torch.Tensor], list[int], object, float]:
+    """Teacher-force ``reference`` through ``cache`` and run the method's own greedy tokens
+    from the same prefilled cache, each step both runs share computed once.
+
+    Gives what ``teacher_forced(model, first, copy_a, reference)`` and
+    ``greedy(model, first, copy_b, n, eos)`` give on two copies of the prefilled cache: while
+    the greedy token equals the reference token both runs feed the same token into the same
+    state, so one call serves both; the cache is copied only where they first differ (and only
+    if the teacher-forced run still needs it). ``measure(cache)`` is called on the greedy run's
+    cache when that run ends (bytes held, kept tokens). Returns (teacher-forced logits, greedy
+    tokens, measure's result, seconds spent on the greedy run's steps).
+    """
+    tf_logits, tokens = [first_logits], []
+    measured, own_s = None, 0.0
+    logits = first_logits
+    own_cache = cache  # the greedy run's cache: the shared one until the runs part
+    while True:  # the shared stretch: the greedy run has fed exactly reference[:i]
+        i = len(tokens)
+        tok = int(logits.argmax())
+        tokens.append(tok)
+        if tok in eos or i == n - 1:
+            measured = measure(cache) if measure else None
+            break
+        tf_left = i < len(reference) - 1
+        if tf_left and tok == reference[i]:
+            t0 = time.perf_counter()
+            logits = step_logits(model, tok, cache)
+            own_s += time.perf_counter() - t0
+            tf_logits.append(logits)
+            continue
+        own_cache = cache.copy() if tf_left else cache
+        t0 = time.perf_counter()
+        rest, _ = greedy(model, step_logits(model, tok, own_cache), own_cache, n - i - 1, eos)
+        own_s += time.perf_counter() - t0
+        tokens += rest
+        measured = measure(own_cache) if measure else None
+        break
+    for tok in reference[len(tf_logits) - 1 : -1]:
+        tf_logits.append(step_logits(model, tok, cache))
+    return tf_logits, tokens, measured, own_s
 
 
 def divergence(ref_logits, got_logits) -> tuple[list[float], list[bool]]:
@@ -212,16 +264,21 @@ def _compare(
             t0 = time.perf_counter()
             cache = CompressedCache(model, method)
             first = prefill(cache)
-            tf_cache = cache.copy()
+            prefill_s = time.perf_counter() - t0
             cont_cache = cache.copy() if cont_ids else None
-            tokens, _ = greedy(model, first, cache, max_new_tokens, eos)
-            elapsed = time.perf_counter() - t0
-            kept = [
-                [int(p.numel()) for p in cache.kept_positions(layer)]
-                for layer in range(facts.n_layers)
-            ]
-            nbytes = cache.nbytes()
-            tf_logits = teacher_forced(model, first, tf_cache, ref_tokens)
+
+            def measure(own) -> tuple[list[list[int]], int]:
+                kept = [
+                    [int(p.numel()) for p in own.kept_positions(layer)]
+                    for layer in range(facts.n_layers)
+                ]
+                return kept, own.nbytes()
+
+            # the method's own greedy run and the teacher-forced one share their common steps
+            tf_logits, tokens, (kept, nbytes), own_s = replay(
+                model, first, cache, ref_tokens, max_new_tokens, eos, measure
+            )
+            elapsed = prefill_s + own_s
             kls, agree = divergence(ref_logits, tf_logits)
             if cont_ids:
                 ppl = math.exp(_nll(teacher_forced(model, first, cont_cache, cont_ids), cont_ids))

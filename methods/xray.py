@@ -3,8 +3,10 @@
 For one method on one prompt: the full model's greedy continuation is the reference. The
 method's compressed cache is teacher-forced along it while logging, per layer and KV head,
 which positions it kept after prefill and which positions each later query attended over.
-The full model is probed along the same tokens (``capture(..., forced=...)``), giving the
-attention every head pays to every position at each step. From these:
+The full model's attention every head pays to every position at each step is recorded on
+that same greedy run (``full_run``; one run serves every method X-rayed on the prompt), and
+the method's own greedy tokens share the teacher-forced run's steps until they differ
+(``methods.evaluate.replay``). From these:
   kept / evicted  per layer, KV head and step;
   dropped mass    per step, layer and query head: the full model's attention on positions the
                   method no longer held at that step (0 at the prefill step: the prompt's own
@@ -23,10 +25,11 @@ import torch
 from transformers import DynamicCache
 
 from methods.cache import CompressedCache
-from methods.evaluate import divergence, greedy, prefill_logits, teacher_forced
+from methods.evaluate import divergence, prefill_logits, replay, step_logits
 from methods.registry import create
-from probes.capture import capture
+from probes.attention import Recorder, recording
 from probes.errors import KvlensError
+from probes.models import model_facts
 
 
 @dataclass
@@ -58,39 +61,76 @@ class XRay:
         }
 
 
+@dataclass
+class FullRun:
+    """The full model's side of an X-ray, shared by every method X-rayed on one prompt: its
+    greedy tokens, the logits that chose them, and per (step, layer) the attention row
+    [heads, positions] of the query that produces ``reference[step]``."""
+
+    prompt_ids: list[int]
+    reference: list[int]
+    logits: list[torch.Tensor]
+    rows: dict[tuple[int, int], torch.Tensor]
+
+
+def full_run(model, prompt_ids: list[int], max_new_tokens: int) -> FullRun:
+    """The full cache's greedy run, recording each step's attention rows on the way.
+
+    One pass: the recorder keeps only the rows and leaves the output to the unrecorded path,
+    so the tokens and logits are those of ``greedy`` without a probe; the rows are the full
+    model's attention along those tokens (what ``capture(..., forced=reference)`` records,
+    to float32 rounding: that probe computes its outputs through the statistics kernel)."""
+    if max_new_tokens < 2:
+        raise KvlensError(f"max-new-tokens must be >= 2 for an X-ray, got {max_new_tokens}")
+    rec = Recorder(kv=False, stats=False, rows_only=True, steps=True)
+    tokens, logits = [], []
+    with torch.inference_mode(), recording(rec):
+        cache = DynamicCache()
+        logits.append(prefill_logits(model, prompt_ids, cache))
+        rec.phase = "decode"
+        for i in range(max_new_tokens):  # greedy's loop, with the step number for the rows
+            tokens.append(int(logits[-1].argmax()))
+            if i == max_new_tokens - 1:
+                break
+            rec.step = i + 1
+            logits.append(step_logits(model, tokens[-1], cache))
+    rows = {(step, layer): row for step, layer, row in rec.step_rows}
+    return FullRun(list(prompt_ids), tokens, logits, rows)
+
+
 def xray(
-    model, tokenizer, prompt_ids: list[int], spec: str, max_new_tokens: int = 16, top_heads: int = 5
+    model,
+    tokenizer,
+    prompt_ids: list[int],
+    spec: str,
+    max_new_tokens: int = 16,
+    top_heads: int = 5,
+    full: FullRun | None = None,
 ) -> XRay:
-    """X-ray of one method (spec string) on one prompt; see the module docstring."""
+    """X-ray of one method (spec string) on one prompt; see the module docstring.
+
+    ``full``: the full model's run from ``full_run`` on the same prompt and length, to reuse
+    across methods (computed here when not given)."""
     method = create(spec)
     if method is None:
         raise KvlensError("the full cache has nothing to X-ray; give a method spec")
     if max_new_tokens < 2:
         raise KvlensError(f"max-new-tokens must be >= 2 for an X-ray, got {max_new_tokens}")
     n = len(prompt_ids)
+    if full is None:
+        full = full_run(model, prompt_ids, max_new_tokens)
+    elif full.prompt_ids != list(prompt_ids) or len(full.reference) != max_new_tokens:
+        raise KvlensError("the full model's run is of another prompt or length; recompute it")
+    reference = full.reference
     with torch.inference_mode():
-        full_cache = DynamicCache()
-        reference, ref_logits = greedy(
-            model,
-            prefill_logits(model, prompt_ids, full_cache, tokenizer),
-            full_cache,
-            max_new_tokens,
-            set(),
-        )
-        own = CompressedCache(model, create(spec))
-        generated, _ = greedy(
-            model, prefill_logits(model, prompt_ids, own, tokenizer), own, max_new_tokens, set()
-        )
         cache = CompressedCache(model, method)
         cache.record_xray()
-        tf_logits = teacher_forced(
-            model, prefill_logits(model, prompt_ids, cache, tokenizer), cache, reference
-        )
-    kls, _agree = divergence(ref_logits, tf_logits)
-    # the full model's attention rows along the same tokens: step s is the query that produces
-    # reference[s] (the prompt's last query at step 0), as the method's call s attends
-    full = capture(model, tokenizer, prompt_ids, attention="stats", kv=False, forced=reference)
-    group = full.model.n_heads // full.model.n_kv_heads
+        first = prefill_logits(model, prompt_ids, cache, tokenizer)
+        # teacher-forced along the reference (logged), and the method's own greedy tokens
+        tf_logits, generated, _, _ = replay(model, first, cache, reference, max_new_tokens, set())
+    kls, _agree = divergence(full.logits, tf_logits)
+    facts = model_facts(model)
+    group = facts.n_heads // facts.n_kv_heads
     kept_rows, attended = [], {}
     for layer_idx, layer in enumerate(cache.layers):
         for call, (_seen, _tq, seen_positions, kept_positions) in enumerate(layer.history):
@@ -108,7 +148,7 @@ def xray(
                 if call > 0:
                     attended[(step, layer_idx, h)] = pos
     kept = pl.DataFrame(kept_rows).cast({"layer": pl.Int16, "kv_head": pl.Int16, "step": pl.Int32})
-    dropped = _dropped_mass(full.step_stats, attended, group)
+    dropped = _dropped_mass(full.rows, attended, group)
     first = next((i for i, (a, b) in enumerate(zip(reference, generated)) if a != b), None)
     culprits = pl.DataFrame(
         schema={"layer": pl.Int16, "head": pl.Int16, "dropped_mass": pl.Float64}
@@ -133,30 +173,26 @@ def xray(
     )
 
 
-def _dropped_mass(step_stats: pl.DataFrame, attended: dict, group: int) -> pl.DataFrame:
+def _dropped_mass(rows: dict, attended: dict, group: int) -> pl.DataFrame:
     """Per step, layer and query head: the full model's attention on positions the method
     did not attend over."""
-    rows = []
-    for (step, layer, head), part in step_stats.partition_by(
-        ["step", "layer", "head"], as_dict=True
-    ).items():
-        pos = attended.get((step, layer, head // group))
-        if pos is None:
-            continue
-        att = torch.tensor(part.sort("position")["attention"].to_numpy())
-        mask = torch.ones(att.numel(), dtype=torch.bool)
-        mask[pos[pos < att.numel()]] = False
-        rows.append(
-            {
-                "step": step,
-                "layer": layer,
-                "head": head,
-                "kv_head": head // group,
-                "dropped_mass": float(att[mask].sum()),
-            }
-        )
+    cols = {"step": [], "layer": [], "head": [], "kv_head": [], "dropped_mass": []}
+    for step, layer in sorted(rows):
+        att = rows[(step, layer)]  # [heads, positions]
+        for kv_head in range(att.shape[0] // group):
+            pos = attended.get((step, layer, kv_head))
+            if pos is None:
+                continue
+            mask = torch.ones(att.shape[1], dtype=torch.bool)
+            mask[pos[pos < att.shape[1]]] = False
+            for head in range(kv_head * group, (kv_head + 1) * group):
+                cols["step"].append(step)
+                cols["layer"].append(layer)
+                cols["head"].append(head)
+                cols["kv_head"].append(kv_head)
+                cols["dropped_mass"].append(float(att[head][mask].sum()))
     return (
-        pl.DataFrame(rows)
+        pl.DataFrame(cols)
         .cast({"step": pl.Int32, "layer": pl.Int16, "head": pl.Int16, "kv_head": pl.Int16})
         .sort("step", "layer", "head")
     )

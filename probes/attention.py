@@ -44,6 +44,10 @@ class Recorder:
     #: produces the first generated token)
     steps: bool = False
     step: int = 0
+    #: record only the attention row of each step (step 0: the prompt's last query) and leave
+    #: the output to the unrecorded path (SDPA), so a run under this recorder gives exactly the
+    #: logits of a run without one: a model's own greedy run and its attention rows in one pass
+    rows_only: bool = False
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     keys_pre_rope: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -155,7 +159,10 @@ def kvlens_attention(
     if recording_here and rec.kv:
         _append(rec.keys, layer, key[0], replace=True)
         _append(rec.values, layer, value[0], replace=True)
-    if recording_here and (rec.stats or rec.maps):
+    rows_only = recording_here and rec.rows_only
+    if rows_only:
+        _record_row(rec, layer, query, key, value, attention_mask, scale, sliding_window, softcap)
+    if recording_here and not rows_only and (rec.stats or rec.maps):
         if query.shape[0] != 1:
             raise ValueError("kvlens probes record one sequence at a time (batch size 1)")
         mask = None
@@ -213,6 +220,18 @@ def _softcapped(query, key, value, attention_mask, b, scale, sliding_window, sof
         softcap=softcap,
     )
     return out
+
+
+def _record_row(rec, layer, query, key, value, attention_mask, scale, sliding_window, softcap):
+    """Rows-only recording: the attention row [Hq, Tk] of this call's last query, as step 0
+    in the prefill and as ``rec.step`` while decoding."""
+    if query.shape[0] != 1:
+        raise ValueError("kvlens probes record one sequence at a time (batch size 1)")
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask[0, 0] if attention_mask.dim() == 4 else attention_mask
+    row = _last_query_row(query[0], key[0], value[0], scale, mask, sliding_window, softcap)
+    rec.step_rows.append((rec.step if rec.phase == "decode" else 0, layer, _to_cpu(row)))
 
 
 def _last_query_row(

@@ -89,3 +89,81 @@ def test_cli_bad_spec_is_one_line():
     result = run("compare", "--prompt", "hi", "--methods", "snapkv:budget=0")
     assert result.returncode != 0
     assert result.stderr.strip() == "kvlens: error: snapkv: budget must be >= 1 token, got 0"
+
+
+def _two_separate_runs(model, tok, ids, spec, reference, n, eos):
+    """The definition ``replay`` shortens: the method's greedy run and its teacher-forced run
+    on two copies of one prefilled cache."""
+    import torch
+
+    from methods.cache import CompressedCache
+    from methods.evaluate import greedy, prefill_logits, teacher_forced
+
+    with torch.inference_mode():
+        cache = CompressedCache(model, create(spec))
+        first = prefill_logits(model, ids, cache)
+        tf_cache = cache.copy()
+        tokens, _ = greedy(model, first, cache, n, eos)
+        tf = teacher_forced(model, first, tf_cache, reference)
+    return first, tf, tokens, cache.nbytes()
+
+
+@pytest.mark.parametrize(
+    "spec", ["streamingllm:budget=12,sinks=4", "kivi:bits=8,group=32,residual=32"]
+)
+def test_shared_steps_give_the_logits_and_tokens_of_two_separate_runs(smol, spec):
+    """One method leaves the reference early, one follows it: replay's teacher-forced logits,
+    greedy tokens and bytes are those of two separate runs, bit for bit; an end-of-sequence
+    token inside the reference stops both greedy runs there."""
+    import torch
+
+    from transformers import DynamicCache
+
+    from methods.cache import CompressedCache
+    from methods.evaluate import greedy, prefill_logits, replay
+
+    model, tok = smol
+    ids = tok(passage(1))["input_ids"]
+    n = 8
+    with torch.inference_mode():
+        full = DynamicCache()
+        reference, _ = greedy(model, prefill_logits(model, ids, full), full, n, set())
+    for eos in (set(), {reference[5]}):
+        ref = reference[: reference.index(reference[5]) + 1] if eos else reference
+        first, tf, tokens, nbytes = _two_separate_runs(model, tok, ids, spec, ref, n, eos)
+        with torch.inference_mode():
+            cache = CompressedCache(model, create(spec))
+            got_first = prefill_logits(model, ids, cache)
+            got_tf, got_tokens, got_bytes, _ = replay(
+                model, got_first, cache, ref, n, eos, lambda c: c.nbytes()
+            )
+        assert torch.equal(got_first, first)
+        assert len(got_tf) == len(tf) == len(ref)
+        assert all(torch.equal(a, b) for a, b in zip(got_tf, tf))
+        assert got_tokens == tokens and got_bytes == nbytes
+    shared = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), len(ref))
+    assert (shared <= 2) == spec.startswith("streamingllm"), (spec, tokens, ref)
+
+
+def test_compare_reports_what_two_separate_runs_give(smol):
+    import math
+
+    import torch
+    from transformers import DynamicCache
+
+    from methods.evaluate import _nll, divergence, greedy, prefill_logits
+
+    model, tok = smol
+    ids = tok(passage(1))["input_ids"]
+    spec = "snapkv:budget=16,window=4"
+    full, got = compare(model, tok, ids, ["full", spec], max_new_tokens=6).results
+    eos = {tok.eos_token_id}
+    with torch.inference_mode():
+        cache = DynamicCache()
+        ref, ref_logits = greedy(model, prefill_logits(model, ids, cache), cache, 6, eos)
+    _, tf, tokens, nbytes = _two_separate_runs(model, tok, ids, spec, ref, 6, eos)
+    kls, agree = divergence(ref_logits, tf)
+    assert full.token_ids == ref
+    assert got.token_ids == tokens and got.bytes == nbytes
+    assert got.kl_per_step == kls and got.top1_per_step == agree
+    assert got.ppl == math.exp(_nll(tf, ref))
