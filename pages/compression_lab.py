@@ -9,7 +9,7 @@ import html
 
 import streamlit as st
 
-from app import figures, lab_params, state
+from app import background, figures, lab_params, state
 from methods.registry import available
 
 BYTES_NOTE = "bytes as a 16-bit server holds them (codes at their bit width, scales in fp16)"
@@ -64,41 +64,59 @@ def _method_widgets(name: str, index: int) -> tuple[str, dict]:
     return (f"{name}:{','.join(parts)}" if parts else name), params
 
 
-def _run(trace, specs: list[str], max_new: int, expected: str) -> None:
-    from methods.evaluate import compare
-
-    model, tokenizer = state.model(st.session_state.get("model_name", "smollm2-135m"))
-    bar = st.progress(0.0, text="full cache ...")
-    done = {"n": 0}
-
-    def progress(spec: str) -> None:
-        bar.progress(min(1.0, done["n"] / len(specs)), text=f"running {spec}")
-        done["n"] += 1
-
+def _score(expected: str):
+    """The accuracy function: the task's own, else the fraction of expected strings found."""
     task = state.task()
     answers = [a.strip() for a in expected.split(",") if a.strip()]
     if task is not None:
-        score = task.score
-    elif answers:
+        return task.score
+    if not answers:
+        return None
 
-        def score(text: str) -> float:
-            low = text.lower()
-            return sum(a.lower() in low for a in answers) / len(answers)
+    def score(text: str) -> float:
+        low = text.lower()
+        return sum(a.lower() in low for a in answers) / len(answers)
 
-    else:
-        score = None
-    result = compare(
-        model,
-        tokenizer,
-        trace.token_ids[: trace.n_prompt_tokens],
-        specs,
-        max_new_tokens=max_new,
-        score=score,
-        continuation=task.continuation if task else None,
-        progress=progress,
-    )
-    bar.empty()
-    state.put("comparison", result.to_json())
+    return score
+
+
+def _run(trace, specs: list[str], max_new: int, expected: str) -> None:
+    """Start the comparison as a background job (progress and Cancel in the page)."""
+    from methods.evaluate import compare
+
+    model, tokenizer = state.model(st.session_state.get("model_name", "smollm2-135m"))
+    task = state.task()
+    score = _score(expected)
+    prompt = trace.token_ids[: trace.n_prompt_tokens]
+    cont = len(tokenizer(task.continuation, add_special_tokens=False)["input_ids"]) if task else 0
+    n_methods = len(specs) - 1
+    # forwards at most: the full run, each method's prefill and two runs of its steps, and
+    # the continuations; the shared steps make it fewer
+    forwards = max_new + n_methods * (2 * max_new - 1) + (n_methods + 1) * max(0, cont - 1)
+
+    def work(job):
+        done = {"n": 0}
+
+        def progress(spec: str) -> None:
+            done["n"] += 1
+            job.say(f"running {spec} ({done['n']} of {len(specs)})")
+
+        return compare(
+            model,
+            tokenizer,
+            prompt,
+            specs,
+            max_new_tokens=max_new,
+            score=score,
+            continuation=task.continuation if task else None,
+            progress=progress,
+        ).to_json()
+
+    background.start("lab", work, model, forwards * trace.model.n_layers)
+
+
+def _store_comparison(result: dict) -> None:
+    state.put("comparison", result)
     state.drop("xray")
 
 
@@ -155,9 +173,12 @@ def render() -> None:
         type="primary",
         key="lab_run_btn",
         disabled=bool(problems),
-        help="generates with the full cache and each method; about a minute per method on CPU",
+        help="generates with the full cache and each method (seconds per method on CPU); "
+        "progress and Cancel show while it runs, the page stays usable",
     ):
         state.guarded(lambda: _run(trace, specs, max_new, expected))
+    if background.panel("lab", _store_comparison):
+        st.caption("the rest of the page stays usable while this runs")
     comparison = state.result("comparison")
     if not comparison:
         return
@@ -266,30 +287,44 @@ def _xray_section(trace, specs: list[str], comparison: dict) -> None:
     if st.button(
         "Run X-ray",
         key="xray_run_btn",
-        help="replays the method with the full cache's tokens and probes the full model",
+        help="replays the method with the full cache's tokens and probes the full model "
+        "(the full model's run is kept for the next method)",
     ):
-
-        def run():
-            from methods.xray import xray
-
-            model, tokenizer = state.model(st.session_state.get("model_name", "smollm2-135m"))
-            with st.spinner("teacher-forcing the method and probing the full model ..."):
-                state.put(
-                    "xray",
-                    xray(
-                        model,
-                        tokenizer,
-                        trace.token_ids[: trace.n_prompt_tokens],
-                        spec,
-                        max_new_tokens=max_new,
-                    ),
-                )
-
-        state.guarded(run)
+        state.guarded(lambda: _run_xray(trace, spec, max_new))
+    background.panel("xray", _store_xray)
     x = state.result("xray")
     if x is None:
         return
     _show_xray(trace, x)
+
+
+def _run_xray(trace, spec: str, max_new: int) -> None:
+    """Start the X-ray as a background job; the full model's run is computed once per trace
+    and length, then shared by every method X-rayed."""
+    from methods.xray import full_run, xray
+
+    model, tokenizer = state.model(st.session_state.get("model_name", "smollm2-135m"))
+    prompt = trace.token_ids[: trace.n_prompt_tokens]
+    full = state.result("xray_full")
+    if full is not None and len(full.reference) != max_new:
+        full = None
+    forwards = (0 if full else max_new) + 2 * max_new - 1
+
+    def work(job):
+        run = full
+        if run is None:
+            job.say("the full model's run, recording its attention")
+            run = full_run(model, prompt, max_new)
+        job.say(f"teacher-forcing {spec}")
+        return xray(model, tokenizer, prompt, spec, max_new_tokens=max_new, full=run), run
+
+    background.start("xray", work, model, forwards * trace.model.n_layers)
+
+
+def _store_xray(result) -> None:
+    x, full = result
+    state.put("xray", x)
+    state.put("xray_full", full)
 
 
 def _show_xray(trace, x) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis import cross_layer, heavy_hitters
-from app import figures, state
+from app import background, figures, state
 
 
 def render() -> None:
@@ -49,18 +49,23 @@ def render() -> None:
     kv_head = c2.number_input(
         "KV head", 0, n_kv - 1, 0, key="cl_head", help="KV head whose keys are mapped"
     )
-    if st.button("Compute UMAP", key="cl_umap_btn", help="about a minute the first time"):
+    if st.button(
+        "Compute UMAP",
+        key="cl_umap_btn",
+        help="up to a minute on CPU; runs in the background (the page stays usable)",
+    ):
 
-        def run():
+        def work(job, layer=int(layer), kv_head=int(kv_head)):
             heavy = set()
             if trace.key_stats is not None:
-                top = heavy_hitters.top_k(trace, 16).filter(layer=int(layer), kv_head=int(kv_head))
+                top = heavy_hitters.top_k(trace, 16).filter(layer=layer, kv_head=kv_head)
                 heavy = set(top["position"].to_list())
-            with st.spinner("UMAP ..."):
-                result = cross_layer.umap_keys(trace, int(layer), int(kv_head), heavy)
-            state.put("umap", {"layer": int(layer), "kv_head": int(kv_head), "table": result})
+            job.say(f"UMAP of layer {layer}, KV head {kv_head}")
+            result = cross_layer.umap_keys(trace, layer, kv_head, heavy)
+            return {"layer": layer, "kv_head": kv_head, "table": result}
 
-        state.guarded(run)
+        background.start("umap", work)
+    background.panel("umap", lambda result: state.put("umap", result))
     umap = state.result("umap")
     if umap is not None:
         st.plotly_chart(

@@ -60,6 +60,12 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
+def _finish(at: AppTest, kind: str) -> AppTest:
+    """Wait for the page's background job (app.background), then draw its result."""
+    at.session_state["jobs"][kind].thread.join(600)
+    return at.run()
+
+
 def _with_trace(at: AppTest, trace, trace_id: str = "test") -> AppTest:
     at.session_state["trace"] = trace
     at.session_state["trace_id"] = trace_id
@@ -152,6 +158,7 @@ def test_lab_shows_output_as_text_and_never_a_previous_traces_result(smol, in_tm
     at.number_input(key="lab_0_streamingllm_budget").set_value(16)
     at.slider(key="lab_new").set_value(8)
     at.button(key="lab_run_btn").click().run()
+    _finish(at, "lab")
     assert not at.exception and not at.error, [e.value for e in at.error]
     results = at.session_state["results"]["items"]["comparison"]["results"]
     texts = [r["text"] for r in results]
@@ -164,6 +171,7 @@ def test_lab_shows_output_as_text_and_never_a_previous_traces_result(smol, in_tm
     assert [t.value for t in at.text][:2] == ["full", results[1]["spec"]]
 
     at.button(key="xray_run_btn").click().run()
+    _finish(at, "xray")
     assert not at.exception and not at.error
     strip = next(h.value for h in at.html if "kvlens-strip" in h.value)
     assert strip.count('class="evicted"') == first.n_prompt_tokens - 16
@@ -171,6 +179,7 @@ def test_lab_shows_output_as_text_and_never_a_previous_traces_result(smol, in_tm
     at.session_state["page"] = "cross"
     at.run()
     at.button(key="cl_umap_btn").click().run()
+    _finish(at, "umap")
     assert not at.exception and not at.error
     assert len(at.get("plotly_chart")) == 4  # cosine, adjacent, CKA, UMAP
 
@@ -191,6 +200,7 @@ def test_lab_shows_output_as_text_and_never_a_previous_traces_result(smol, in_tm
     assert not any(s.value == "Outputs" for s in at.subheader)
     at.slider(key="lab_new").set_value(4)
     at.button(key="lab_run_btn").click().run()
+    _finish(at, "lab")
     assert not at.exception and not at.error
     assert any(s.value == "Outputs" for s in at.subheader)
     assert not any("kept after prefill" in c.value for c in at.caption)

@@ -1,0 +1,178 @@
+"""Long work off the script thread: one job per session and kind, with progress and Cancel.
+
+Streamlit runs a page's script top to bottom on every interaction, so a model run inside the
+script freezes the page until it ends. A job runs the work in a thread of its own instead.
+The page draws the job's progress in a fragment that reruns every second on its own (the rest
+of the page stays usable meanwhile), with a Cancel button; when the job ends, the whole page
+reruns once and the result is handed to the page, which stores it under the trace the job was
+started for (``app.state``): a job of an older trace is dropped, never shown.
+
+Progress and cancel reach into the model run without the methods knowing: each layer's
+attention module gets a forward pre-hook (once per model) that, inside a job's thread only,
+counts the layer calls and raises ``Cancelled`` once the user asked to stop. Elsewhere (other
+users, the CLI) the hook does nothing.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import streamlit as st
+
+from app import state
+from probes.attention import attention_modules
+from probes.errors import KvlensError
+
+POLL_S = 1.0  # how often the progress fragment redraws
+
+
+class Cancelled(KvlensError):
+    """The user pressed Cancel; raised inside the model run at the next layer."""
+
+
+@dataclass
+class Job:
+    kind: str
+    trace_id: str | None
+    layer_calls: int  # expected layer calls of the whole job, for the progress fraction
+    text: str = "starting ..."
+    calls: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    ended: float | None = None
+    result: Any = None
+    error: str | None = None
+    cancelled: bool = False
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.ended is not None
+
+    def fraction(self) -> float:
+        return min(1.0, self.calls / max(1, self.layer_calls))
+
+    def seconds(self) -> float:
+        return (self.ended or time.perf_counter()) - self.started
+
+    def say(self, text: str) -> None:
+        """Set the progress text; also a cancel point between model runs."""
+        self.text = text
+        if self.stop.is_set():
+            raise Cancelled("cancelled")
+
+
+_CURRENT: contextvars.ContextVar[Job | None] = contextvars.ContextVar("kvlens_job", default=None)
+
+
+def _tick(_module, _args) -> None:
+    job = _CURRENT.get()
+    if job is None:
+        return
+    job.calls += 1
+    if job.stop.is_set():
+        raise Cancelled("cancelled")
+
+
+def install_hooks(model) -> None:
+    """Count and cancel at every layer call of ``model`` inside a job (idempotent)."""
+    if getattr(model, "_kvlens_job_hooks", False):
+        return
+    for module in attention_modules(model):
+        module.register_forward_pre_hook(_tick)
+    model._kvlens_job_hooks = True
+
+
+def _jobs() -> dict[str, Job]:
+    return st.session_state.setdefault("jobs", {})
+
+
+def job(kind: str) -> Job | None:
+    return _jobs().get(kind)
+
+
+def start(kind: str, work: Callable[[Job], Any], model=None, layer_calls: int = 0) -> Job:
+    """Run ``work(job)`` in a thread; a running job of the same kind is cancelled first.
+    Without a ``model`` (work that runs no model, e.g. UMAP) progress is the elapsed time and
+    Cancel drops the result at once (the work itself cannot be stopped midway)."""
+    old = job(kind)
+    if old is not None and not old.done:
+        old.stop.set()
+    if model is not None:
+        install_hooks(model)
+    new = Job(kind=kind, trace_id=state.trace_id(), layer_calls=layer_calls)
+
+    def run() -> None:
+        _CURRENT.set(new)
+        try:
+            new.result = work(new)
+        except Cancelled:
+            new.cancelled = True
+        except KvlensError as exc:
+            new.error = str(exc)
+        except MemoryError:
+            new.error = "out of memory: try a shorter prompt or fewer new tokens"
+        except Exception as exc:  # shown as one line, like state.guarded
+            new.error = f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}"
+        finally:
+            new.ended = time.perf_counter()
+
+    new.thread = threading.Thread(target=run, name=f"kvlens-{kind}", daemon=True)
+    _jobs()[kind] = new
+    new.thread.start()
+    return new
+
+
+def wait(kind: str, timeout: float | None = None) -> None:
+    """Block until the job of ``kind`` ends (tests and scripts)."""
+    j = job(kind)
+    if j is not None and j.thread is not None:
+        j.thread.join(timeout)
+
+
+def panel(kind: str, store: Callable[[Any], None]) -> bool:
+    """Draw the job of ``kind``: live progress and Cancel while it runs; when it has ended,
+    hand its result to ``store`` (or show its error) once. True while it runs."""
+    j = job(kind)
+    if j is None:
+        return False
+    if j.trace_id != state.trace_id():  # started for another trace: never shown
+        j.stop.set()
+        _jobs().pop(kind, None)
+        return False
+    if j.done or j.stop.is_set():  # a cancelled job is over for the page at once
+        _jobs().pop(kind, None)
+        if j.cancelled or j.stop.is_set():
+            st.info(f"cancelled after {j.seconds():.1f} s")
+        elif j.error:
+            st.error(j.error)
+        else:
+            store(j.result)
+        return False
+    _live(kind)
+    return True
+
+
+@st.fragment(run_every=POLL_S)
+def _live(kind: str) -> None:
+    j = job(kind)
+    if j is None or j.done or j.stop.is_set():
+        st.rerun()  # the whole page: the result is shown outside this fragment
+        return
+    c1, c2 = st.columns([5, 1])
+    if j.layer_calls:
+        c1.progress(j.fraction(), text=f"{j.text} ({j.seconds():.0f} s)")
+    else:  # no measure of the work done: the time so far
+        c1.progress(min(0.99, j.seconds() / 60), text=f"{j.text} ({j.seconds():.0f} s so far)")
+    if c2.button(
+        "Cancel",
+        key=f"{kind}_cancel_btn",
+        help="stop this run at its next layer; nothing of it is kept",
+    ):
+        j.stop.set()
+        st.rerun()
