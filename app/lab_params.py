@@ -7,6 +7,7 @@ still runs when the spec is built; these checks only add what depends on the pro
 from __future__ import annotations
 
 from methods.eviction.base import AVERAGES, SCHEDULES
+from methods.eviction.gemfilter import POSITIONS
 from methods.eviction.h2o import NORMALISATIONS
 from methods.eviction.kvcrush import ANCHORS
 from methods.headaware.taskkv import SCOPES
@@ -19,6 +20,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "average": AVERAGES,
     "key_grouping": ("channel", "token"),
     "anchor": ANCHORS,
+    "positions": POSITIONS,
     "scope": SCOPES,
 }
 
@@ -62,6 +64,8 @@ HELP: dict[str, str] = {
     "anchor": "reference vector the head-behaviour bits are compared to",
     "heads_per_layer": "retrieval heads per layer whose votes choose every head's tokens",
     "profile": "retrieval-heads or head-profile parquet; empty = measure echo + induction",
+    "layer": "the early layer whose last query picks the tokens; -1 = 40% of the depth",
+    "positions": "renumber the kept tokens 0..k-1 (the paper) or keep their prompt positions",
     "scope": "rank heads within each layer, or across the whole model",
 }
 

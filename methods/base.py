@@ -82,10 +82,12 @@ class Method:
     def setup(self, model) -> None:
         """Called once per compressed cache with the model (e.g. to score heads)."""
 
-    def prepare(self, model, cache, context_ids: list[int], tokenizer) -> None:
+    def prepare(self, model, cache, context_ids: list[int], tokenizer) -> torch.Tensor | None:
         """Called once after the first prefill of ``context_ids`` into ``cache`` (a
         ``methods.cache.CompressedCache``), by ``methods.evaluate.prefill_logits``, the one
-        path every entry point prefills through; only when ``prepares`` is True."""
+        path every entry point prefills through; only when ``prepares`` is True. A method
+        that prefills the cache again (GemFilter) returns that prefill's next-token logits,
+        which replace the first prefill's; others return None."""
 
     def new_store(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
         """The storage this method's layers keep (default: per-head full-precision tokens)."""

@@ -363,18 +363,21 @@ class CompressedCache(Cache):
         )
         self.prepared = False  # whether the method's own pass after the prefill has run
 
-    def prepare(self, model, context_ids: list[int], tokenizer=None) -> None:
+    def prepare(self, model, context_ids: list[int], tokenizer=None) -> torch.Tensor | None:
         """After the first prefill, once: the method's own pass over the model (KVzip's
-        replay of the context), for methods that declare ``prepares``; a no-op otherwise."""
+        replay of the context), for methods that declare ``prepares``; a no-op otherwise.
+        Returns the next-token logits of a prefill the method ran again (GemFilter), else
+        None."""
         if self.prepared or not self.method.prepares or not self.layers[0].prefilled:
-            return
+            return None
         self.prepared = True
-        self.method.prepare(model, self, list(context_ids), tokenizer)
+        logits = self.method.prepare(model, self, list(context_ids), tokenizer)
         for layer in self.layers:  # the X-ray log's prefill entry: what the pass kept
             if layer.record_history and layer.history:
                 seen, tq, attended, _ = layer.history[-1]
                 kept = [p.to(torch.int64).cpu() for p in layer.store.positions]
                 layer.history[-1] = (seen, tq, attended, kept)
+        return logits
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

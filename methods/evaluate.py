@@ -66,7 +66,9 @@ def prefill_logits(model, ids: list[int], cache, tokenizer=None) -> torch.Tensor
     batch = torch.tensor([ids], device=model.device)
     out = model(input_ids=batch, **cache_arg(model, cache), use_cache=True).logits[0, -1].float()
     if isinstance(cache, CompressedCache):
-        cache.prepare(model, ids, tokenizer)
+        again = cache.prepare(model, ids, tokenizer)
+        if again is not None:  # the method prefilled again (GemFilter): its logits count
+            out = again.float()
     return out
 
 

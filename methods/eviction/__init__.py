@@ -3,6 +3,7 @@
 from methods.eviction import (  # noqa: F401
     adakv,
     expected_attention,
+    gemfilter,
     h2o,
     keydiff,
     keyformer,

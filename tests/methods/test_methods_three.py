@@ -8,9 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from methods.base import Observation
 from methods.cache import CompressedCache, CompressedLayer, HeadStore
+from methods.evaluate import prefill_logits, step_logits
 from methods.memory import held_bytes
 from methods.registry import create
 from probes.compat import cache_arg
@@ -18,7 +20,7 @@ from probes.errors import KvlensError
 from tests.conftest import passage
 
 N = 200
-METHODS = ("ems", "cam", "kvcluster", "kvcrush", "compresskv", "taskkv")
+METHODS = ("ems", "cam", "kvcluster", "kvcrush", "compresskv", "taskkv", "gemfilter")
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +67,8 @@ def test_budget_above_length_is_the_full_cache(smol, ids, full_logits, name):
     steps = STEPS
     with torch.inference_mode():
         cache = CompressedCache(model, create(f"{name}:budget=10000"))
-        got = [model(input_ids=torch.tensor([ids]), **cache_arg(model, cache)).logits[0, -1]]
-        for t in steps:
-            got.append(
-                model(input_ids=torch.tensor([[t]]), **cache_arg(model, cache)).logits[0, -1]
-            )
+        got = [prefill_logits(model, ids, cache)]  # the one prefill path (GemFilter's refill)
+        got += [step_logits(model, t, cache) for t in steps]
     torch.testing.assert_close(torch.stack(got), full_logits, atol=2e-4, rtol=1e-4)
     # every token kept: 16-bit keys and values plus an int32 position each
     n, d = N + len(steps), model.config.head_dim
@@ -117,6 +116,8 @@ def test_bytes_are_the_stored_tensors(smol, ids, spec):
         ("taskkv:heads=1.5", "heads"),
         ("taskkv:budget=20,recent=32", "recent"),
         ("taskkv:scope=all", "scope"),
+        ("gemfilter:positions=shifted", "positions"),
+        ("gemfilter:kernel=4", "kernel"),
     ],
 )
 def test_bad_parameters_are_one_line(spec, word):
@@ -388,6 +389,61 @@ def test_taskkv_model_scope_ranks_heads_across_layers():
     # one KV head of six stays whole: the one farthest from its centre, relative to its layer
     assert method.last_heterogeneous == [[False, True, False], [False, False, False]]
     assert stores[0].lengths() == [8, n, 8] and stores[1].lengths() == [8, 8, 8]
+
+
+# -- GemFilter -------------------------------------------------------------------------------
+
+
+def last_query_scores(model, tok, ids, layer: int) -> torch.Tensor:
+    """Independently of the cache: the last prompt query of ``layer`` (its q projection, hooked,
+    rotated by the model's RoPE) against the probe's post-RoPE keys, summed over heads."""
+    from probes import capture
+
+    grabbed = []
+    proj = model.model.layers[layer].self_attn.q_proj
+    handle = proj.register_forward_hook(lambda _m, _i, out: grabbed.append(out.detach()))
+    try:
+        trace = capture(model, tok, ids, attention="none", kv=True)
+    finally:
+        handle.remove()
+    hq, d = model.config.num_attention_heads, model.config.head_dim
+    q = grabbed[0][0, -1].view(hq, d).float()
+    cos, sin = model.model.rotary_emb(q, torch.tensor([[len(ids) - 1]]))
+    a, b = q.chunk(2, dim=-1)
+    q = q * cos[0] + torch.cat([-b, a], dim=-1) * sin[0]
+    keys = trace.key(layer).float()  # [Hkv, T, D]
+    group = hq // keys.shape[0]
+    return sum(q[h] @ keys[h // group].T for h in range(hq))
+
+
+@pytest.mark.parametrize("positions", ["renumber", "original"])
+def test_gemfilter_refills_the_tokens_an_early_layer_picks(smol, ids, positions):
+    model, tok = smol
+    spec = f"gemfilter:budget=64,layer=5,kernel=5,positions={positions}"
+    cache = CompressedCache(model, create(spec))
+    with torch.inference_mode():
+        first = prefill_logits(model, ids, cache)
+        second = step_logits(model, 4051, cache)
+    score = F.avg_pool1d(last_query_scores(model, tok, ids, 5)[None, None], 5, 1, 2)[0, 0]
+    chosen = torch.topk(score, 64).indices.sort().values
+    # the cache is a prefill of the chosen tokens alone (at their new or their old positions);
+    # the reference runs through a plain cache: without one, transformers reads positions
+    # with gaps as packed sequences and masks across them
+    picked = [ids[i] for i in chosen.tolist()]
+    where = torch.arange(64) if positions == "renumber" else chosen
+    after = 64 if positions == "renumber" else N
+    with torch.inference_mode():
+        want = model(
+            input_ids=torch.tensor([picked + [4051]]),
+            position_ids=torch.cat([where, torch.tensor([after])])[None],
+            **cache_arg(model, DynamicCache()),
+        ).logits[0, -2:]
+    torch.testing.assert_close(torch.stack([first, second]), want, atol=2e-4, rtol=1e-4)
+    for layer in (0, 5, 29):
+        for kept in cache.kept_positions(layer):
+            assert kept.tolist() == where.tolist() + [after]
+    d = model.config.head_dim
+    assert cache.nbytes() == 30 * 3 * 65 * (4 * d + 4)
 
 
 @pytest.mark.parametrize("name", METHODS)
