@@ -1,0 +1,115 @@
+"""Latent attention readiness (TransMLA, Meng et al. 2025) on synthetic traces.
+
+The reference is written another way: the stacked matrix built column block by column block
+in numpy, its energy spectrum from the eigenvalues of X^T X (numpy.linalg.eigvalsh), where
+the module takes singular values of X in torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from analysis import latent
+from probes import KvlensError
+from tests.analysis.synthetic import random_kv
+from tests.analysis.synthetic import trace as synthetic_trace
+
+N_KV, HEAD_DIM, T = 3, 8, 40
+WIDTH = N_KV * HEAD_DIM
+
+
+def _reference(x: torch.Tensor) -> np.ndarray:
+    """Cumulative energy fraction at ranks 1..width from the covariance's eigenvalues."""
+    blocks = [x[h].double().numpy() for h in range(x.shape[0])]  # each [T, D]
+    stacked = np.concatenate(blocks, axis=1)  # [T, Hkv*D], head h in columns h*D..(h+1)*D
+    eig = np.sort(np.clip(np.linalg.eigvalsh(stacked.T @ stacked), 0, None))[::-1]
+    return np.cumsum(eig) / eig.sum()
+
+
+def _planted(rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every head's keys/values in one shared rank-``rank`` subspace of the stacked width
+    (a latent [T, rank] times one up-projection [rank, Hkv*D] split into heads)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for kind in ("key_pre_rope", "key", "value"):
+        z = torch.randn(T, rank, generator=g)
+        up = torch.randn(rank, WIDTH, generator=g)
+        out[f"layers.0.{kind}"] = (z @ up).reshape(T, N_KV, HEAD_DIM).transpose(0, 1)
+    return out
+
+
+def _trace(tensors, n_layers=2):
+    return synthetic_trace(
+        n_tokens=T,
+        n_layers=n_layers,
+        n_kv_heads=N_KV,
+        n_heads=2 * N_KV,
+        head_dim=HEAD_DIM,
+        tensors=tensors,
+    )
+
+
+def test_energy_matches_covariance_eigenvalues():
+    kv = random_kv(2, N_KV, T, HEAD_DIM, seed=3)
+    # give the heads unequal scales and shared directions, so the spectrum is not flat
+    for name in kv:
+        kv[name] = kv[name] * torch.tensor([1.0, 3.0, 0.5])[:, None, None]
+        kv[name][1] += 0.7 * kv[name][0]
+    tr = _trace(kv)
+    ranks = tuple(range(1, WIDTH + 1))
+    table = latent.latent_energy(tr, ranks)
+    summary = latent.latent_summary(tr)
+    for layer in (0, 1):
+        for kind, source in (("key", "key_pre_rope"), ("value", "value")):
+            ref = _reference(kv[f"layers.{layer}.{source}"])
+            part = table.filter(kind=kind, layer=layer).sort("rank")
+            assert part["source"].unique().to_list() == [source]
+            np.testing.assert_allclose(part["energy"].to_numpy(), ref, atol=1e-9)
+            row = summary.filter(kind=kind, layer=layer).row(0, named=True)
+            assert row["half_rank"] == WIDTH // 2
+            assert row["energy_at_half"] == pytest.approx(ref[WIDTH // 2 - 1], abs=1e-9)
+            assert row["rank_90"] == int(np.argmax(ref >= 0.9)) + 1
+            assert row["rank_99"] == int(np.argmax(ref >= 0.99)) + 1
+
+
+def test_planted_shared_subspace_is_kept_whole_at_its_rank():
+    rank = 5
+    tr = _trace(_planted(rank), n_layers=1)
+    table = latent.latent_energy(tr, tuple(range(1, WIDTH + 1)))
+    for kind in ("key", "value"):
+        part = table.filter(kind=kind).sort("rank")
+        energy = part["energy"].to_numpy()
+        assert energy[rank - 1] == pytest.approx(1.0, abs=1e-9)
+        assert (energy[: rank - 1] < 1 - 1e-3).all()
+        row = latent.latent_summary(tr).filter(kind=kind).row(0, named=True)
+        assert row["rank_99"] <= rank and row["energy_at_half"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_energy_is_non_decreasing_in_rank_and_reaches_one():
+    tr = _trace(random_kv(2, N_KV, T, HEAD_DIM, seed=1))
+    table = latent.latent_energy(tr)  # the default grid
+    for _, part in table.group_by("kind", "layer"):
+        part = part.sort("rank")
+        assert part["rank"].to_list() == [1, 2, 4, 8, 12, 16, 24]
+        energy = part["energy"].to_numpy()
+        assert (np.diff(energy) >= -1e-12).all()
+        assert energy[-1] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_post_rope_keys_when_the_trace_has_no_pre_rope_keys():
+    kv = random_kv(1, N_KV, T, HEAD_DIM, seed=2)
+    del kv["layers.0.key_pre_rope"]
+    table = latent.latent_summary(_trace(kv, n_layers=1))
+    assert table.filter(kind="key")["source"].to_list() == ["key"]
+    ref = _reference(kv["layers.0.key"])
+    got = table.filter(kind="key")["energy_at_half"][0]
+    assert got == pytest.approx(ref[WIDTH // 2 - 1], abs=1e-9)
+
+
+def test_trace_without_keys_is_a_one_line_error():
+    tr = _trace({})
+    with pytest.raises(KvlensError, match="no key tensors") as err:
+        latent.latent_summary(tr)
+    assert "\n" not in str(err.value)
