@@ -325,14 +325,17 @@ if triton is not None:
     def _quant_decode_split(
         Q, KC, KS, KZ, VC, VS, VZ, RK, RV, O_PART, L_PART,
         stride_qb, stride_qh, kc_bh, ks_bh, vc_bh, vs_bh, rk_bh, rv_bh,
-        H_KV, N_SPLITS, SPLIT_LEN, N_QUANT, N_RES, scale_log2,
+        H_KV, N_SPLITS, SPLIT_LEN, N_QUANT, N_RES, scale_log2, NLEN,
         GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         KBITS: tl.constexpr, VBITS: tl.constexpr, QGROUP: tl.constexpr,
         PER_CHANNEL: tl.constexpr, FAST: tl.constexpr, RES_STAGES: tl.constexpr,
-        OVERLAP: tl.constexpr, FOLD_PER_GROUP: tl.constexpr,
+        OVERLAP: tl.constexpr, FOLD_PER_GROUP: tl.constexpr, DEVICE_LEN: tl.constexpr,
     ):  # fmt: skip
         pid_bh = tl.program_id(0)
         split = tl.program_id(1)
+        if DEVICE_LEN:  # lengths held on the device (a captured step): [n_quant, n_residual]
+            N_QUANT = tl.load(NLEN)
+            N_RES = tl.load(NLEN + 1)
         b = pid_bh // H_KV
         h = pid_bh % H_KV
         KP: tl.constexpr = 16 // KBITS  # fields per word: channel blocks
@@ -500,14 +503,17 @@ def quant_decode_triton(
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
     fast_unpack: bool | None = None, waves: int | None = None, res_stages: int | None = None,
     maxnreg: int | None = None, residual_split: bool | None = None, overlap: bool | None = None,
-    fold_per_group: bool | None = None,
+    fold_per_group: bool | None = None, lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """q [B, Hq, D] -> [B, Hq, D]: the split kernel, then the LSE combine. Settings left out
     come from ``launch_defaults``; ``residual_split``: the full-precision residual is read by a
     split of its own rather than by the last split of codes; ``overlap``: each iteration computes
     the next tile's scores before this tile's values (same results, another schedule);
     ``fold_per_group``: without ``overlap``, per-channel keys' folded query (q times the group's
-    scales) is computed once per key group rather than per tile; ``maxnreg`` 0: no register cap."""
+    scales) is computed once per key group rather than per tile; ``maxnreg`` 0: no register cap.
+    ``lengths`` (int32 [2] on the device: quantised tokens, residual tokens): the kernel reads
+    the lengths there, and ``cache.n_quant`` / ``cache.n_residual`` are capacities that fix the
+    launch (for a step captured in a CUDA graph, ``methods.fast_decode``)."""
     bsz, hq, d = q.shape
     hkv = cache.key_codes.shape[1]
     if fast_unpack is None:  # PTX unpacking on the GPU; plain shifts in the interpreter
@@ -551,10 +557,12 @@ def quant_decode_triton(
         q, kc, ks, kz, vc, vs, vz, rk, rv, o_part, l_part,
         q.stride(0), q.stride(1), kc_bh, ks_bh, vc_bh, vs_bh, rk_bh, rv_bh,
         hkv, n_splits, split_len, cache.n_quant, cache.n_residual, scale * LOG2E,
+        l_part if lengths is None else lengths,
         GROUP=group, GP=gp, D=d, BLOCK_N=block_n, KBITS=cache.key_bits, VBITS=cache.value_bits,
         QGROUP=cache.group, PER_CHANNEL=cache.key_per_channel, FAST=fast_unpack,
         RES_STAGES=res_stages, OVERLAP=overlap,
-        FOLD_PER_GROUP=fold_per_group, num_warps=num_warps, num_stages=num_stages,
+        FOLD_PER_GROUP=fold_per_group, DEVICE_LEN=lengths is not None,
+        num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )  # fmt: skip
     return combine_splits(o_part, l_part, bsz, hq, group, n_splits, d, q.dtype)

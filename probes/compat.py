@@ -58,3 +58,22 @@ def output_cache(output: object) -> object:
     if hasattr(output, NEW_NAME):
         return getattr(output, NEW_NAME)
     return getattr(output, OLD_NAME)
+
+
+@functools.cache
+def _takes_cache_position(cls: type) -> bool:
+    try:
+        return "cache_position" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def position_args(model: object, positions: object) -> dict[str, object]:
+    """Keyword arguments giving ``model(...)`` the positions [1, T] of its input tokens as a
+    device tensor: ``position_ids``, plus ``cache_position`` [T] where the installed
+    transformers' ``forward`` still takes it (before 5.24), so that neither is derived from
+    the cache's length on the host (a captured decode step replays them from the device)."""
+    args: dict[str, object] = {"position_ids": positions}
+    if _takes_cache_position(type(model)):
+        args["cache_position"] = positions[0]
+    return args

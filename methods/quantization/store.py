@@ -97,6 +97,21 @@ class QuantHeadStore:
         self._pos[n : n + t] = positions.to(torch.int32)
         self.n_residual += t
 
+    def reserve(self, new_tokens: int) -> tuple[int, int]:
+        """Grow every buffer now to hold ``new_tokens`` more tokens appended one at a time
+        (each followed by ``flush``), so that no later append or flush reallocates (a captured
+        decode step keeps the buffers' addresses). Returns the capacities (quantised tokens,
+        residual tokens) that those steps can reach."""
+        quant = self.n_quant + (self.n_residual + new_tokens) // self.group * self.group
+        res = self.n_residual + min(new_tokens, self.residual + self.group) + 1
+        self._rk, self._rv = _grow(self._rk, res), _grow(self._rv, res)
+        self._pos = _grow(self._pos[None], self.n_tokens + new_tokens)[0]
+        self._kc, self._vc = _grow(self._kc, quant), _grow(self._vc, quant)
+        rows = quant // self.group if self.key_grouping == "channel" else quant
+        self._ks, self._kz = _grow(self._ks, rows), _grow(self._kz, rows)
+        self._vs, self._vz = _grow(self._vs, quant), _grow(self._vz, quant)
+        return quant, res
+
     def flush(self) -> None:
         """Quantise the residual's oldest whole groups until at most ``residual`` tokens remain."""
         cut = max(0, self.n_residual - self.residual) // self.group * self.group

@@ -1,0 +1,274 @@
+"""Greedy decoding at the cost of its bytes: capacity buffers, lengths on the device, and the
+whole step (every layer, the logits and the argmax) captured once in a CUDA graph and replayed.
+
+The decode-step structure follows CUDA-graph serving (vLLM, SGLang; PyTorch's
+``torch.cuda.graph``): a step must launch the same kernels on the same addresses every time,
+so every layer holds buffers sized for the whole generation, the lengths the kernels read live
+in device tensors that the step itself advances, and the host decides nothing from device
+values (no ``.item()``, no lists of lengths). The attention of a step is one of the decode
+kernels over the buffers: ``kernels.sparse_decode`` (the full cache, all heads the same
+length, and prefill-only eviction such as SnapKV, heads of their own lengths) or
+``kernels.quant_decode`` (KIVI and int8 codes plus their full-precision residual), launched
+with a split plan fixed by the capacity.
+
+What a step does is what the methods do on their eager kernel path (``methods.cache``):
+prefill-only eviction changes nothing while decoding; a quantised store quantises its
+residual's oldest groups after the step that overfills it, here run by the host between two
+replays (it knows every length without asking the device). Methods that read attention
+statistics while decoding (H2O, TOVA, StreamingLLM's rolling window) are refused.
+
+Batch size 1. ``graph=False`` runs the same step eagerly (the test of the capture).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kernels.quant_decode import QuantKV, quant_decode_triton
+from kernels.sparse_decode import sparse_decode_triton
+from methods.cache import CompressedCache, HeadStore
+from methods.memory import element_bytes
+from probes.attention import hand_over
+from probes.compat import cache_arg, position_args
+from probes.errors import KvlensError
+
+
+class _DecodeLayer(CacheLayerMixin):
+    """A layer whose decode step reads buffers through a kernel; the host keeps ``n_seen``."""
+
+    is_sliding = False
+
+    def __init__(self, layer_idx: int, n_seen: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_seen = n_seen
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # buffers come built
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if key_states.shape[2] != 1:
+            raise KvlensError("a fast decoder takes one token per step")
+        self.append(key_states[0, :, 0], value_states[0, :, 0])
+        hand_over(self)
+        return key_states, value_states  # placeholders: attention reads the buffers
+
+    def get_seq_length(self) -> int:
+        return self.n_seen
+
+    def get_mask_sizes(self, *args) -> tuple[int, int]:
+        return self.n_seen + 1, 0  # the kernels need no mask
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def after_step(self) -> None:
+        """Host bookkeeping after a step has been launched (no device read)."""
+        self.n_seen += 1
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def attend(self, query, key, value, *, scale: float, sliding_window=None, softcap=None):
+        raise NotImplementedError
+
+
+class SparseLayer(_DecodeLayer):
+    """Keys/values [1, Hkv, C, D]; KV head h holds rows [0, lengths[0, h]) (int32, device)."""
+
+    def __init__(self, keys, values, lengths, layer_idx: int, n_seen: int, positions=False):
+        super().__init__(layer_idx, n_seen)
+        self.keys, self.values, self.lengths = keys, values, lengths
+        self._heads = torch.arange(keys.shape[1], device=keys.device)
+        #: whether the bytes count an int32 position per token (an evicted cache's, which
+        #: must say which tokens it kept; the full cache's positions are its row numbers)
+        self.positions = positions
+
+    @classmethod
+    def from_rows(cls, keys, values, lengths, layer_idx, n_seen, new: int, positions=False):
+        """Buffers with room for ``new`` more tokens from per-head [Hkv, >=L_h, D] rows."""
+        hkv, _, d = keys.shape
+        cap = max(lengths) + new
+        k = keys.new_zeros(1, hkv, cap, d)
+        v = values.new_zeros(1, hkv, cap, d)
+        for h, n in enumerate(lengths):
+            k[0, h, :n], v[0, h, :n] = keys[h, :n], values[h, :n]
+        lens = torch.tensor([lengths], dtype=torch.int32, device=keys.device)
+        return cls(k, v, lens, layer_idx, n_seen, positions)
+
+    def nbytes(self) -> int:
+        """Serving bytes of the rows in use (``methods.memory``); reads the lengths."""
+        per_token = 2 * self.keys.shape[3] * element_bytes(self.keys.dtype)
+        per_token += element_bytes(torch.int32) if self.positions else 0
+        return int(self.lengths.sum()) * per_token
+
+    def append(self, key, value) -> None:
+        index = (self._heads, self.lengths[0].long())
+        self.keys[0].index_put_(index, key)
+        self.values[0].index_put_(index, value)
+        self.lengths += 1
+
+    def attend(self, query, key, value, *, scale: float, sliding_window=None, softcap=None):
+        out = sparse_decode_triton(
+            query[:, :, 0], self.keys, self.values, self.lengths,
+            scale=scale, max_length=self.keys.shape[2],
+        )  # fmt: skip
+        return out[:, :, None]
+
+
+class QuantLayer(_DecodeLayer):
+    """A ``QuantHeadStore`` read by the quantised kernel with its lengths on the device; the
+    store's buffers are reserved for the whole generation, so quantising keeps addresses."""
+
+    def __init__(self, store, layer_idx: int, n_seen: int, new: int) -> None:
+        super().__init__(layer_idx, n_seen)
+        self.store = store
+        self.capacity = store.reserve(new)  # (quantised, residual) tokens
+        self.lengths = torch.zeros(2, dtype=torch.int32, device=store.device)
+        self._sync_lengths()
+
+    def _sync_lengths(self) -> None:
+        self.lengths[0].fill_(self.store.n_quant)  # fills: launches, no host copy
+        self.lengths[1].fill_(self.store.n_residual)
+
+    def append(self, key, value) -> None:
+        r = self.lengths[1].long()[None]
+        self.store._rk.index_copy_(1, r, key[:, None])
+        self.store._rv.index_copy_(1, r, value[:, None])
+        self.lengths[1] += 1
+
+    def attend(self, query, key, value, *, scale: float, sliding_window=None, softcap=None):
+        s = self.store
+        quant, res = self.capacity
+        layout = QuantKV(
+            s._kc[None], s._ks[None], s._kz[None], s._vc[None], s._vs[None], s._vz[None],
+            s._rk[None], s._rv[None], n_quant=quant, n_residual=res,
+            key_bits=s.key_bits, value_bits=s.value_bits, group=s.group,
+            key_per_channel=s.key_grouping == "channel",
+        )  # fmt: skip
+        out = quant_decode_triton(query[:, :, 0], layout, scale=scale, lengths=self.lengths)
+        return out[:, :, None]
+
+    def nbytes(self) -> int:
+        return self.store.nbytes()
+
+    def after_step(self) -> None:
+        super().after_step()
+        self.store.n_residual += 1
+        before = self.store.n_quant
+        self.store.flush()  # what KIVI's compress does after each call; outside the graph
+        if self.store.n_quant != before:
+            self._sync_lengths()
+
+
+class DecodeCache(Cache):
+    """The cache a fast decoder's model steps run on: one ``_DecodeLayer`` per layer."""
+
+    def __init__(self, layers: list[_DecodeLayer]) -> None:
+        super().__init__(layers=layers)
+
+
+def _eligible(cache: CompressedCache) -> None:
+    from methods.eviction.base import EvictionMethod
+    from methods.quantization.int8 import Int8
+    from methods.quantization.kivi import KIVI
+    from methods.quantization.store import QuantHeadStore
+
+    method, store = cache.method, cache.layers[0].store
+    quantised = isinstance(method, KIVI | Int8) and type(store) is QuantHeadStore
+    evicted = (
+        isinstance(method, EvictionMethod)
+        and not method.evict_while_decoding
+        and not method.decode_needs_attention
+        and type(store) is HeadStore
+    )
+    if not (quantised or evicted) or not all(layer.decodes_from_store() for layer in cache.layers):
+        raise KvlensError(
+            f"{method.spec()}: the fast decoder takes quantised caches (KIVI, int8) and "
+            "eviction that only compresses the prefill"
+        )
+
+
+def decode_layers(cache, new: int) -> list[_DecodeLayer]:
+    """Decode layers with room for ``new`` tokens from a prefilled cache: a transformers
+    ``DynamicCache`` (the full cache) or an eligible ``CompressedCache`` (its stores move)."""
+    if isinstance(cache, CompressedCache):
+        _eligible(cache)
+        layers = []
+        for i, layer in enumerate(cache.layers):
+            store = layer.store
+            if isinstance(store, HeadStore):
+                layers.append(
+                    SparseLayer.from_rows(
+                        store._keys, store._values, store.lengths(), i, layer.n_seen, new, True
+                    )
+                )
+            else:
+                layers.append(QuantLayer(store, i, layer.n_seen, new))
+        return layers
+    layers = []
+    for i, layer in enumerate(cache.layers):  # DynamicCache: keys/values [1, Hkv, T, D]
+        t = layer.keys.shape[2]
+        layers.append(
+            SparseLayer.from_rows(
+                layer.keys[0], layer.values[0], [t] * layer.keys.shape[1], i, t, new
+            )
+        )
+    return layers
+
+
+class FastDecoder:
+    """Greedy decoding of ``model`` over ``layers``, one step per replay of a CUDA graph."""
+
+    def __init__(self, model, layers: list[_DecodeLayer], graph: bool = True) -> None:
+        self.model, self.layers, self.graph = model, layers, graph
+        self.cache = DecodeCache(layers)
+        device = layers[0].lengths.device
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.position = torch.full((1, 1), layers[0].n_seen, dtype=torch.long, device=device)
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    def nbytes(self) -> int:
+        """Bytes the layers hold now (reads lengths from the device: not for the hot path)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def _step(self) -> None:
+        out = self.model(
+            input_ids=self.token, **position_args(self.model, self.position),
+            **cache_arg(self.model, self.cache), use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
+        self.token.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
+        self.position += 1
+
+    def _after_step(self) -> None:
+        for layer in self.layers:
+            layer.after_step()
+
+    def _run_step(self) -> None:
+        if self._graph is not None:
+            self._graph.replay()
+        elif self.graph:  # first step: eager on a side stream (compiles), then capture
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._step()
+            torch.cuda.current_stream().wait_stream(stream)
+            self._after_step()
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):  # records, runs nothing
+                self._step()
+            return
+        else:
+            self._step()
+        self._after_step()
+
+    def generate(self, first: torch.Tensor, steps: int) -> torch.Tensor:
+        """Tokens [steps] following ``first`` ([1, 1], the prefill's argmax), greedy."""
+        tokens = torch.empty(steps, dtype=torch.long, device=self.token.device)
+        self.token.copy_(first)
+        for i in range(steps):
+            self._run_step()
+            tokens[i : i + 1].copy_(self.token[0])
+        return tokens
