@@ -110,9 +110,12 @@ def _sdpa(query, key, value, attention_mask, scaling, dropout):
             qpos = torch.arange(tk - tq, tk, device=query.device)[:, None]
             attention_mask = torch.arange(tk, device=query.device)[None, :] <= qpos
     group = query.shape[1] // key.shape[1]
-    if group > 1:
+    if group > 1 and (attention_mask is not None or not query.is_cuda):
+        # SDPA's own GQA runs only in its flash kernel (no mask) and the math path: elsewhere
+        # the KV heads are repeated per query group, a copy of the cache
         key = key.repeat_interleave(group, dim=1)
         value = value.repeat_interleave(group, dim=1)
+        group = 1
     return torch.nn.functional.scaled_dot_product_attention(
         query,
         key,
@@ -121,6 +124,7 @@ def _sdpa(query, key, value, attention_mask, scaling, dropout):
         dropout_p=dropout,
         scale=scaling,
         is_causal=is_causal,
+        **({"enable_gqa": True} if group > 1 else {}),
     )
 
 
