@@ -14,7 +14,9 @@ cache width and the ranks needed for 90% and 99%.
 Keys are taken before RoPE where the trace has them (``key_pre_rope``), because the latent
 is formed before rotary position encoding is applied (MLA caches the latent without
 position and adds RoPE through a separate decoupled part); post-RoPE keys (``key``) are used
-otherwise, and the ``source`` column names which one a row was measured on.
+otherwise, and the ``source`` column names which one a row was measured on;
+``keys="post_rope"`` measures the cached keys instead, to show what RoPE costs a latent (on
+post-RoPE keys the key curve is xKV's single-layer ``cross_layer.svd_energy``, group size 1).
 
 Departures, on purpose: keys and values are measured separately (the paper's last version
 balances their norms and runs one PCA over both: compare the two tables' curves, not a joint
@@ -31,13 +33,16 @@ from probes.errors import KvlensError
 from probes.trace import Trace
 
 THRESHOLDS = (0.9, 0.99)
+KEY_SOURCES = ("auto", "post_rope")
 
 
-def _sources(trace: Trace) -> list[tuple[str, str, int]]:
+def _sources(trace: Trace, keys: str) -> list[tuple[str, str, int]]:
     """(kind, tensor source, layer) for each layer and tensor kind the trace holds."""
+    if keys not in KEY_SOURCES:
+        raise KvlensError(f"keys must be one of {KEY_SOURCES}, got {keys!r}")
     found = []
     for layer in trace.layers:
-        if f"layers.{layer}.key_pre_rope" in trace.tensors:
+        if keys == "auto" and f"layers.{layer}.key_pre_rope" in trace.tensors:
             found.append(("key", "key_pre_rope", layer))
         elif f"layers.{layer}.key" in trace.tensors:
             found.append(("key", "key", layer))
@@ -58,8 +63,8 @@ def _spectrum(x: torch.Tensor) -> torch.Tensor:
     return s2
 
 
-def _cumulative(trace: Trace):
-    for kind, source, layer in _sources(trace):
+def _cumulative(trace: Trace, keys: str):
+    for kind, source, layer in _sources(trace, keys):
         s2 = _spectrum(trace.tensors[f"layers.{layer}.{source}"])
         yield kind, source, layer, s2.cumsum(0) / s2.sum().clamp_min(1e-300)
 
@@ -74,13 +79,16 @@ def _grid(width: int) -> list[int]:
     return sorted(r for r in ranks if r >= 1)
 
 
-def latent_energy(trace: Trace, ranks: tuple[int, ...] | None = None) -> pl.DataFrame:
+def latent_energy(
+    trace: Trace, ranks: tuple[int, ...] | None = None, keys: str = "auto"
+) -> pl.DataFrame:
     """Fraction of each layer's stacked K (or V) energy a joint rank-r latent keeps.
 
     One row per (kind, layer, rank); ``ranks`` defaults to powers of two, half and all of
-    n_kv * head_dim; a rank past the width keeps everything (1.0)."""
+    n_kv * head_dim; a rank past the width keeps everything (1.0). ``keys="auto"`` takes
+    pre-RoPE keys where captured (the paper's latent), ``"post_rope"`` the cached ones."""
     rows = []
-    for kind, source, layer, cum in _cumulative(trace):
+    for kind, source, layer, cum in _cumulative(trace, keys):
         width = cum.numel()
         for r in ranks or _grid(width):
             if r < 1:
@@ -98,11 +106,12 @@ def latent_energy(trace: Trace, ranks: tuple[int, ...] | None = None) -> pl.Data
     return pl.DataFrame(rows)
 
 
-def latent_summary(trace: Trace) -> pl.DataFrame:
+def latent_summary(trace: Trace, keys: str = "auto") -> pl.DataFrame:
     """Per (kind, layer): energy kept at half the GQA cache width (n_kv * head_dim / 2), and
-    the smallest latent rank keeping 90% and 99% of the energy."""
+    the smallest latent rank keeping 90% and 99% of the energy (``keys`` as in
+    ``latent_energy``)."""
     rows = []
-    for kind, source, layer, cum in _cumulative(trace):
+    for kind, source, layer, cum in _cumulative(trace, keys):
         width = cum.numel()
         row = {
             "kind": kind,

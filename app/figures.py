@@ -355,3 +355,27 @@ def leaderboard(board: pl.DataFrame, title: str) -> go.Figure:
     fig.update_xaxes(title="bytes held, % of the full cache")
     fig.update_yaxes(title="accuracy", range=[-0.05, 1.05])
     return _title(fig, title)
+
+
+def latent_readiness(summaries: dict[str, pl.DataFrame], title: str) -> go.Figure:
+    """Energy a joint latent of half the GQA cache width keeps, per layer, one line per
+    series (e.g. pre-RoPE keys, post-RoPE keys, values); ranks for 90/99% in the hover."""
+    fig = go.Figure()
+    for i, (name, part) in enumerate(summaries.items()):
+        part = part.sort("layer")
+        fig.add_scatter(
+            x=part["layer"].to_list(),
+            y=part["energy_at_half"].to_list(),
+            mode="lines+markers",
+            name=esc(name),
+            line={"color": colour(i)},
+            customdata=list(zip(part["half_rank"], part["rank_90"], part["rank_99"])),
+            hovertemplate=(
+                "layer %{x}<br>energy at rank %{customdata[0]}: %{y:.4f}<br>"
+                "rank for 90%: %{customdata[1]}, for 99%: %{customdata[2]}<extra></extra>"
+            ),
+        )
+    fig.update_xaxes(title="layer")
+    fig.update_yaxes(title="energy kept at half the width")
+    fig.update_layout(legend={"orientation": "h", "y": -0.2})
+    return _title(fig, title)

@@ -1,10 +1,11 @@
-"""Cross-layer page: layer x layer similarity and CKA, adjacent curves, UMAP of keys."""
+"""Cross-layer page: layer x layer similarity and CKA, adjacent curves, latent attention
+readiness (TransMLA), UMAP of keys."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from analysis import cross_layer, heavy_hitters
+from analysis import cross_layer, heavy_hitters, latent
 from app import background, figures, state
 
 
@@ -39,6 +40,37 @@ def render() -> None:
     st.caption(
         "Linear CKA (Kornblith et al., 2019): 1 = the layers hold the same information up to "
         "a rotation and scale, even when the cosines differ; the basis of xKV's shared subspace."
+    )
+    st.subheader(
+        "Latent attention readiness",
+        help="how much of each layer's K/V one latent shared by all KV heads keeps at half "
+        "the GQA cache width (n_kv x head_dim / 2): near 1 = the layer converts to latent "
+        "attention with little loss; hover for the ranks that keep 90% and 99%",
+    )
+    with st.spinner("joint K/V spectra per layer (once per trace) ..."):
+        summary = state.table("latent", lambda: latent.latent_summary(trace))
+        keys = summary.filter(kind="key")
+        pre = bool((keys["source"] == "key_pre_rope").all())
+        series = {
+            "keys (pre-RoPE)" if pre else "keys (post-RoPE: none before RoPE here)": keys,
+            "values": summary.filter(kind="value"),
+        }
+        if pre:
+            post = state.table(
+                "latent_post_rope", lambda: latent.latent_summary(trace, keys="post_rope")
+            )
+            series["keys (post-RoPE, as cached)"] = post.filter(kind="key")
+    width = int(summary["width"][0])
+    st.plotly_chart(
+        figures.latent_readiness(series, f"energy a joint latent of rank {width // 2} keeps"),
+        key="cl_latent",
+    )
+    st.caption(
+        "TransMLA (Meng et al. 2025) rewrites GQA as multi-head latent attention: all KV "
+        "heads' keys (before RoPE) and values are compressed jointly into one latent per token. "
+        f"Each point: the share of a layer's energy (squared singular values of its {width} "
+        "stacked columns) the best latent of half that width keeps. The post-RoPE key line is "
+        "xKV's single-layer SVD energy (Chang et al. 2025)."
     )
     st.subheader("UMAP of key vectors")
     c1, c2 = st.columns(2)

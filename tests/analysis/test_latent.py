@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import latent
+from analysis import cross_layer, latent
 from probes import KvlensError
 from tests.analysis.synthetic import random_kv
 from tests.analysis.synthetic import trace as synthetic_trace
@@ -113,3 +113,19 @@ def test_trace_without_keys_is_a_one_line_error():
     with pytest.raises(KvlensError, match="no key tensors") as err:
         latent.latent_summary(tr)
     assert "\n" not in str(err.value)
+
+
+def test_post_rope_setting_measures_the_cached_keys_as_xkv_single_layers():
+    kv = random_kv(2, N_KV, T, HEAD_DIM, seed=4)
+    tr = _trace(kv)
+    table = latent.latent_energy(tr, (4, 8, 16), keys="post_rope").filter(kind="key")
+    assert table["source"].unique().to_list() == ["key"]
+    for r in table.iter_rows(named=True):
+        ref = _reference(kv[f"layers.{r['layer']}.key"])
+        assert r["energy"] == pytest.approx(ref[r["rank"] - 1], abs=1e-9)
+    xkv = cross_layer.svd_energy(tr, "key", group_sizes=(1,), ranks=(4, 8, 16))
+    joined = table.join(xkv, left_on=["layer", "rank"], right_on=["first_layer", "rank"])
+    assert joined.height == table.height
+    np.testing.assert_allclose(joined["energy"], joined["energy_right"], atol=1e-6)
+    with pytest.raises(KvlensError, match="keys must be one of"):
+        latent.latent_summary(tr, keys="pre")

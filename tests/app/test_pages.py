@@ -181,7 +181,7 @@ def test_lab_shows_output_as_text_and_never_a_previous_traces_result(smol, in_tm
     at.button(key="cl_umap_btn").click().run()
     _finish(at, "umap")
     assert not at.exception and not at.error
-    assert len(at.get("plotly_chart")) == 4  # cosine, adjacent, CKA, UMAP
+    assert len(at.get("plotly_chart")) == 5  # cosine, adjacent, CKA, latent, UMAP
 
     # a new probe through the Probe page: nothing of the first trace may show
     at.session_state["page"] = "probe"
@@ -194,7 +194,7 @@ def test_lab_shows_output_as_text_and_never_a_previous_traces_result(smol, in_tm
     assert second.n_tokens != first.n_tokens
     at.session_state["page"] = "cross"
     at.run()
-    assert len(at.get("plotly_chart")) == 3  # no UMAP of the first trace's keys
+    assert len(at.get("plotly_chart")) == 4  # no UMAP of the first trace's keys
     at.session_state["page"] = "lab"
     at.run()
     assert not any(s.value == "Outputs" for s in at.subheader)
