@@ -123,7 +123,7 @@ def page_decode_triton(
     o_part, l_part = partial_buffers(bsz, hkv, n_splits, gp, d, q.device)
     lengths_i = lengths.to(device=q.device, dtype=torch.int32).contiguous()
     n_pages_i = n_pages.to(device=q.device, dtype=torch.int32).contiguous()
-    pages_i = pages.to(device=q.device, dtype=torch.int32)
+    pages_i = pages.to(device=q.device, dtype=torch.int32).contiguous()
     _page_decode_split[(bsz * hkv, n_splits)](
         q, k, v, lengths_i, pages_i, n_pages_i, o_part, l_part,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),

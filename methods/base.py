@@ -54,6 +54,39 @@ class Observation:
 
 
 @dataclass
+class DecodeStep:
+    """What a selecting method (the sparse family) sees on one decoding step, before the
+    step's attention: the step's post-RoPE queries [Hq, D] (query head j reads KV head
+    j // group) and ``n_seen``, the tokens seen with this one (already in the store)."""
+
+    layer: int
+    n_layers: int
+    n_seen: int
+    scale: float
+    query: torch.Tensor
+    group: int
+
+
+@dataclass
+class Selection:
+    """The stored rows one decoding step reads, per KV head, as pages of ``page_size`` rows:
+    page p covers store rows [p * P, (p + 1) * P) (a page size of 1 lists single rows).
+    ``pages[h]`` int64, distinct, ascending. ``select_bytes``: what choosing them read (page
+    summaries, centroids, or every key for the oracle), counted by ``methods.memory``."""
+
+    pages: list[torch.Tensor]
+    page_size: int = 1
+    select_bytes: int = 0
+
+    def rows(self, head: int, length: int) -> torch.Tensor:
+        """Store rows (int64, ascending) head ``head`` reads when it holds ``length`` rows."""
+        p = self.pages[head].to(torch.int64)
+        offs = torch.arange(self.page_size, device=p.device)
+        rows = (p[:, None] * self.page_size + offs[None, :]).reshape(-1)
+        return rows[rows < length]
+
+
+@dataclass
 class Method:
     """Base of every method. Subclasses are dataclasses whose fields are the parameters."""
 
@@ -68,6 +101,10 @@ class Method:
     #: whether the method runs a pass of its own over the model once the prefill is stored
     #: (KVzip's context replay): ``CompressedCache.prepare`` then calls ``prepare``
     prepares: ClassVar[bool] = False
+    #: whether the method chooses, on each decoding step, which stored rows the step's
+    #: attention reads (the sparse family keeps the whole cache): the cache then calls
+    #: ``select`` before attending and attends exactly over the selected rows only
+    selects: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,6 +125,11 @@ class Method:
         path every entry point prefills through; only when ``prepares`` is True. A method
         that prefills the cache again (GemFilter) returns that prefill's next-token logits,
         which replace the first prefill's; others return None."""
+
+    def select(self, store, step: DecodeStep) -> Selection:
+        """Per KV head, the stored rows this decoding step reads (called when ``selects``;
+        the store holds this step's token already)."""
+        raise NotImplementedError
 
     def new_store(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
         """The storage this method's layers keep (default: per-head full-precision tokens)."""

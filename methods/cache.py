@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kernels.attention_stats import attention_stats_reference, attention_with_stats
 from kernels.sparse_decode import sparse_decode
-from methods.base import Method, Observation
+from methods.base import DecodeStep, Method, Observation
 from methods.memory import element_bytes
 from probes.attention import hand_over
 from probes.errors import KvlensError
@@ -177,6 +177,12 @@ class CompressedLayer(CacheLayerMixin):
         #: decode steps through the store's kernel where the method allows (False: always
         #: the statistics path, e.g. to compare the two)
         self.use_decode_kernels = True
+        #: per decoding step of a selecting method (sparse family): bytes read by the
+        #: selection, from the device store and from host memory
+        self.reads: list[tuple[int, int, int]] = []
+        #: with record_history, per such step: (tokens seen, queries [Hq, D] float32 on the
+        #: CPU, rows each KV head read, rows each held) for the attention-recall analysis
+        self.selections: list[tuple[int, torch.Tensor, list[torch.Tensor], list[int]]] = []
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -222,6 +228,8 @@ class CompressedLayer(CacheLayerMixin):
         group = hq // store.n_heads
         new_pos = torch.arange(self.n_seen, self.n_seen + tq, device=query.device)
         store.append(key[0], value[0], new_pos)
+        if tq == 1 and self.selects_now(sliding_window, softcap):
+            return self._sparse_step(query, scale)
         if tq == 1 and sliding_window is None and softcap is None and self.decodes_from_store():
             return self._decode_step(query, scale)
         window = max(1, min(tq, self.method.observation_window()))
@@ -274,6 +282,8 @@ class CompressedLayer(CacheLayerMixin):
             window_queries.append(q_h[:, -window:])
         self.n_seen += tq
         attended = [p.cpu() for p in all_pos] if self.record_history else []
+        if self.method.selects and self.prefilled and tq == 1:  # a layer it cannot select in
+            self.reads.append((0, *store.read_nbytes(None)))  # every row held is read
         obs = Observation(
             layer=self.layer_idx,
             n_layers=self.n_layers,
@@ -301,6 +311,48 @@ class CompressedLayer(CacheLayerMixin):
         if self.record_history:
             kept = [p.to(torch.int64).cpu() for p in self.store.positions]
             self.history.append((self.n_seen, obs.n_queries, attended, kept))
+
+    def selects_now(self, sliding_window: int | None, softcap: float | None) -> bool:
+        """A decoding step of a selecting method reads only the rows the method selects;
+        sliding-window and soft-capped layers attend in full (their window is the selection)."""
+        return self.method.selects and self.prefilled and sliding_window is None and softcap is None
+
+    def _sparse_step(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """One decoding token of the sparse family: the method selects rows per KV head, the
+        store attends exactly over just those (``kernels.page_decode``), the rest of the cache
+        is untouched; the X-ray log records the positions read."""
+        store = self.store
+        q = query[0, :, 0]  # [Hq, D]
+        self.n_seen += 1
+        step = DecodeStep(
+            self.layer_idx, self.n_layers, self.n_seen, scale, q, q.shape[0] // store.n_heads
+        )
+        selection = self.method.select(store, step)
+        out = store.attend_selected(q, selection, scale)
+        self.reads.append((selection.select_bytes, *store.read_nbytes(selection)))
+        positions = store.positions
+        attended = []
+        if self.record_history:
+            lengths = store.lengths()
+            rows = [selection.rows(h, n).cpu() for h, n in enumerate(lengths)]
+            attended = [positions[h].to(torch.int64).cpu()[r] for h, r in enumerate(rows)]
+            self.selections.append((self.n_seen, q.float().cpu(), rows, lengths))
+        obs = Observation(
+            layer=self.layer_idx,
+            n_layers=self.n_layers,
+            prefill=False,
+            n_queries=1,
+            n_seen=self.n_seen,
+            scale=scale,
+            positions=positions,
+            keys=None,
+            received=None,
+            window=None,
+            last=None,
+            window_queries=None,
+        )
+        self._compress(obs, attended)
+        return out.to(query.dtype)[None, :, None]
 
     def decodes_from_store(self) -> bool:
         """Decode steps read the store through its decode kernel (sparse or quantised) when
@@ -381,6 +433,26 @@ class CompressedCache(Cache):
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def memory(self) -> dict[str, int | float | None]:
+        """Where the held bytes are and what a decoding step reads (``methods.memory``):
+        ``device`` + ``host`` = ``nbytes()`` (host: offloaded tensors, e.g. ShadowKV's
+        values); for selecting methods, per step summed over layers and averaged over the
+        steps so far, the bytes the selection read, the rows read from the device store and
+        from the host, and their total (None before any selecting step)."""
+        host = sum(
+            layer.store.host_nbytes()
+            for layer in self.layers
+            if layer.store is not None and hasattr(layer.store, "host_nbytes")
+        )
+        out: dict[str, int | float | None] = {"device": self.nbytes() - host, "host": host}
+        steps = max((len(layer.reads) for layer in self.layers), default=0)
+        parts = ("read_select", "read_device", "read_host")
+        for i, name in enumerate(parts):
+            total = sum(r[i] for layer in self.layers for r in layer.reads)
+            out[name] = total / steps if steps else None
+        out["read_per_step"] = sum(out[p] for p in parts) if steps else None
+        return out
 
     def prefill_compressions(self) -> int:
         """How many times any layer compressed a prefill (one per layer per compression)."""

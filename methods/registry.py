@@ -30,6 +30,7 @@ def _load_all() -> None:
     import methods.lowrank  # noqa: F401
     import methods.merging  # noqa: F401
     import methods.quantization  # noqa: F401
+    import methods.sparse  # noqa: F401
 
 
 def available() -> dict[str, type[Method]]:
