@@ -15,7 +15,14 @@ from probes.errors import KvlensError
 from tests.conftest import passage
 from tests.methods.sparse.helpers import full_run, run
 
-SPECS = ["oracle:budget=48", "quest:budget=48,page=16", "random_pages:budget=48,page=8"]
+SPECS = [
+    "oracle:budget=48",
+    "quest:budget=48,page=16",
+    "random_pages:budget=48,page=8",
+    "squeezed:budget=48,clusters=8,iters=3",
+]
+# ShadowKV's store holds the prompt differently (its bytes: tests/methods/sparse/test_shadowkv)
+KEPT = [*SPECS, "shadowkv:budget=40,outliers=2,local=16"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +59,7 @@ def test_a_budget_past_the_length_is_the_full_cache(smol, ids):
                 assert lengths == [seen] * 3
 
 
-@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("spec", KEPT)
 def test_the_whole_cache_is_kept_and_the_log_names_what_was_read(smol, ids, spec):
     model, _ = smol
     cache, tokens, _ = run(model, ids, spec)
@@ -80,7 +87,10 @@ def test_bytes_held_and_read_are_the_stored_tensors(smol, ids, spec):
     held = 0
     for layer in cache.layers:  # keys, values at 16 bits and int32 positions, per KV head
         held += 3 * n * (2 * d * SERVING_FLOAT_BYTES + 4)
-        held += sum(t.numel() * SERVING_FLOAT_BYTES for t in layer.store.meta.values())
+        held += sum(  # summaries: floats at 16 bits, indices at their integer width
+            t.numel() * (SERVING_FLOAT_BYTES if t.is_floating_point() else t.element_size())
+            for t in layer.store.meta.values()
+        )
     mem = cache.memory()
     assert cache.nbytes() == held and mem["device"] == held and mem["host"] == 0
     read = sum(
@@ -94,7 +104,7 @@ def test_bytes_held_and_read_are_the_stored_tensors(smol, ids, spec):
 
 def test_every_sparse_method_is_registered_in_its_family():
     sparse = {n for n, cls in available().items() if cls.family == "sparse"}
-    assert {"oracle", "quest", "random_pages"} <= sparse
+    assert {"oracle", "quest", "random_pages", "squeezed", "shadowkv"} <= sparse
     for name in sparse:
         assert available()[name].selects and available()[name].paper
 
@@ -102,7 +112,9 @@ def test_every_sparse_method_is_registered_in_its_family():
 @pytest.mark.parametrize(
     "spec",
     ["oracle:budget=0", "oracle:pool=sum", "quest:page=0", "quest:pool=median",
-     "random_pages:page=-1", "quest:dense_layers=-1"],
+     "random_pages:page=-1", "quest:dense_layers=-1", "squeezed:clusters=0",
+     "squeezed:iters=-1", "shadowkv:chunk=0", "shadowkv:rank=0", "shadowkv:outliers=-2",
+     "shadowkv:pool=sum"],
 )  # fmt: skip
 def test_bad_parameters_give_one_line(spec):
     with pytest.raises(KvlensError) as err:
