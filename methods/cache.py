@@ -183,6 +183,7 @@ class CompressedLayer(CacheLayerMixin):
         #: with record_history, per such step: (tokens seen, queries [Hq, D] float32 on the
         #: CPU, rows each KV head read, rows each held) for the attention-recall analysis
         self.selections: list[tuple[int, torch.Tensor, list[torch.Tensor], list[int]]] = []
+        self.scale: float | None = None  # the attention scale those steps ran with
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -324,6 +325,7 @@ class CompressedLayer(CacheLayerMixin):
         store = self.store
         q = query[0, :, 0]  # [Hq, D]
         self.n_seen += 1
+        self.scale = scale
         step = DecodeStep(
             self.layer_idx, self.n_layers, self.n_seen, scale, q, q.shape[0] // store.n_heads
         )
