@@ -707,6 +707,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also X-ray each method: kept/evicted tokens, dropped attention, first divergence",
     )
     p.set_defaults(func=cmd_compare)
+
+    from app.sparse_cli import add_sparse_parser
+
+    add_sparse_parser(sub)
     return parser
 
 

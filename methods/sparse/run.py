@@ -38,6 +38,8 @@ class SparseRun:
     full_bytes: int
     recall: pl.DataFrame  # analysis.sparse_recall.SCHEMA
     reads: pl.DataFrame  # layer, kv_head, step, n_held, positions (those read)
+    full_text: str = ""  # the full cache's greedy text (the reference)
+    full_accuracy: float | None = None
 
     def summary(self) -> dict:
         return {
@@ -109,8 +111,8 @@ def sparse_compare(
             continue
         if not method.selects:
             raise KvlensError(
-                f"{method.name} is a {method.family} method; kvlens sparse runs the sparse "
-                "family (methods that keep the cache and select what each step reads)"
+                f"{method.name} is not a sparse method (family {method.family}); the sparse "
+                "family keeps the cache and selects what each step reads"
             )
         methods.append(method)
     if not methods:
@@ -126,6 +128,7 @@ def sparse_compare(
         first = prefill_logits(model, prompt_ids, full, tokenizer)
         reference, ref_logits = greedy(model, first, full, max_new_tokens, eos)
         full_bytes = full_cache_nbytes(model, len(prompt_ids) + len(reference) - 1)
+        full_text = tokenizer.decode(reference, skip_special_tokens=True)
         for method in methods:
             spec = method.spec()
             if progress:
@@ -152,6 +155,8 @@ def sparse_compare(
                     full_bytes=full_bytes,
                     recall=recall_table(steps),
                     reads=reads,
+                    full_text=full_text,
+                    full_accuracy=score(full_text) if score else None,
                 )
             )
     return runs
