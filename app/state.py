@@ -26,6 +26,7 @@ KEEP_RECENT = 5  # a 1k-token trace with K/V is about 80 MB on disk
 # Widget keys with these prefixes are form inputs kept across page switches (see keep_inputs);
 # buttons and charts never use them.
 INPUT_PREFIXES = ("probe_", "task_", "lab_", "lb_", "rh_", "hh_", "out_", "cl_kind", "attn_measure")
+INPUT_PREFIXES += ("sp_",)  # the Sparse attention page
 NOT_INPUTS = ("_btn", "_run")  # button keys (probe_run predates the _btn rule)
 
 

@@ -15,6 +15,7 @@ from pages import (
     probe,
     report,
     retrieval_heads,
+    sparse_attention,
 )
 
 st.set_page_config(page_title="kvlens", layout="wide")
@@ -30,6 +31,7 @@ PAGES = [
     st.Page(outliers.render, title="Outlier channels", url_path="outliers"),
     st.Page(cross_layer.render, title="Cross-layer", url_path="cross-layer"),
     st.Page(compression_lab.render, title="Compression lab", url_path="compression-lab"),
+    st.Page(sparse_attention.render, title="Sparse attention", url_path="sparse-attention"),
     st.Page(leaderboard.render, title="Leaderboard", url_path="leaderboard"),
     st.Page(report.render, title="Report", url_path="report"),
 ]
