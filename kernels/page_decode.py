@@ -113,17 +113,16 @@ def page_decode_triton(
     gp = group_pad(group)
     most = int(n_pages.max()) if max_pages is None else max_pages
     slots = max(1, most * page_size)
-    if block_n is None:  # whole pages per block where pages are large enough (dense loads)
-        block_n = (
-            64 if page_size >= 64 or page_size == 1 else max(16, 1 << (page_size - 1).bit_length())
-        )
+    if block_n is None:  # 64 slots a block: several small pages, or one part of a large one
+        block_n = 64
     if split_len is None:
         split_len = plan_splits(slots, bsz * hkv, block_n, q.device, waves=waves)
     n_splits = max(1, math.ceil(slots / split_len))
     o_part, l_part = partial_buffers(bsz, hkv, n_splits, gp, d, q.device)
     lengths_i = lengths.to(device=q.device, dtype=torch.int32).contiguous()
     n_pages_i = n_pages.to(device=q.device, dtype=torch.int32).contiguous()
-    pages_i = pages.to(device=q.device, dtype=torch.int32).contiguous()
+    pages_i = pages if pages.dtype in (torch.int32, torch.int64) else pages.to(torch.int32)
+    pages_i = pages_i.to(q.device).contiguous()  # int64 as top-k gives it: no conversion
     _page_decode_split[(bsz * hkv, n_splits)](
         q, k, v, lengths_i, pages_i, n_pages_i, o_part, l_part,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),

@@ -42,9 +42,13 @@ for bsz, hq, hkv, cap, d, page, split in CASES:
     if bsz * hkv > 1:
         n_pages[-1, -1] = 0  # a head that reads nothing
     args = dict(page_size=page, scale=d**-0.5)
-    got = page_decode_triton(q, k, v, lengths, pages, n_pages, split_len=split, **args)
     want = page_decode_reference(q, k, v, lengths, pages, n_pages, **args)
-    case = str((bsz, hq, hkv, cap, d, page, split))
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=case)
+    # blocks of several pages, and pages across blocks; int32 and int64 (top-k's) page tables
+    for block_n, table in ((None, pages), (16, pages.long())):
+        got = page_decode_triton(
+            q, k, v, lengths, table, n_pages, split_len=split, block_n=block_n, **args
+        )
+        case = str((bsz, hq, hkv, cap, d, page, split, block_n))
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=case)
 print(f"ok: {len(CASES)} cases")
 sys.exit(0)

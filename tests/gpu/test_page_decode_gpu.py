@@ -1,0 +1,163 @@
+"""On CUDA: page-sparse decode and Quest's page bounds (Triton) against their references and
+against SDPA over the gathered rows, at the 8B shape (32 q / 8 kv heads, d 128); and the sparse
+family inside a model (a small random Llama in float16): every page read equals the full
+cache, and the Triton path equals the reference path step for step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _pages(bsz, hkv, lengths, page, frac, g):
+    """A random selection of about ``frac`` of each head's pages, the last (partial) one
+    always among them: (pages [B, Hkv, M] int32, counts [B, Hkv])."""
+    n_total = (lengths + page - 1) // page
+    most = int(n_total.max())
+    pages = torch.zeros(bsz, hkv, most, dtype=torch.int32, device="cuda")
+    counts = torch.zeros(bsz, hkv, dtype=torch.int32, device="cuda")
+    for b in range(bsz):
+        for h in range(hkv):
+            n = int(n_total[b, h])
+            k = max(1, int(n * frac))
+            chosen = torch.randperm(n, device="cuda", generator=g)[:k]
+            chosen = torch.cat([chosen, torch.tensor([n - 1], device="cuda")]).unique()
+            pages[b, h, : chosen.numel()] = chosen.to(torch.int32)
+            counts[b, h] = chosen.numel()
+    return pages, counts
+
+
+@pytest.mark.parametrize("bsz", [1, 8])
+@pytest.mark.parametrize("page", [1, 16, 64])
+def test_page_decode_matches_reference(bsz, page):
+    from kernels.page_decode import page_decode_reference, page_decode_triton
+
+    g = torch.Generator(device="cuda").manual_seed(bsz * 100 + page)
+    cap = 4096
+    q = torch.randn(bsz, 32, 128, device="cuda", dtype=torch.float16, generator=g)
+    k = torch.randn(bsz, 8, cap, 128, device="cuda", dtype=torch.float16, generator=g)
+    v = torch.randn(bsz, 8, cap, 128, device="cuda", dtype=torch.float16, generator=g)
+    lengths = torch.randint(cap // 2, cap + 1, (bsz, 8), device="cuda", generator=g)
+    pages, counts = _pages(bsz, 8, lengths, page, 1 / 16, g)
+    args = dict(page_size=page, scale=128**-0.5)
+    got = page_decode_triton(q, k, v, lengths, pages, counts, **args)
+    want = page_decode_reference(q, k, v, lengths, pages, counts, **args)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_page_decode_matches_sdpa_over_the_gathered_rows(dtype):
+    import torch.nn.functional as F
+
+    from kernels.page_decode import page_decode, selected_rows
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    cap, page = 8192, 16
+    q = torch.randn(1, 32, 128, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(1, 8, cap, 128, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(1, 8, cap, 128, device="cuda", dtype=dtype, generator=g)
+    lengths = torch.full((1, 8), cap - 5, device="cuda")
+    pages, counts = _pages(1, 8, lengths, page, 1 / 16, g)
+    got = page_decode(q, k, v, lengths, pages, counts, page_size=page, scale=0.1).float()
+    for h in range(8):
+        rows = selected_rows(pages[0, h, : counts[0, h]], page, int(lengths[0, h]))
+        want = F.scaled_dot_product_attention(
+            q[:, 4 * h : 4 * h + 4, None], k[:, h : h + 1, rows], v[:, h : h + 1, rows],
+            scale=0.1, enable_gqa=True,
+        )[:, :, 0].float()  # fmt: skip
+        torch.testing.assert_close(got[:, 4 * h : 4 * h + 4], want, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("pool", ["max", "mean"])
+def test_page_bounds_match_reference_and_bound_every_page(pool):
+    from kernels.page_bounds import page_bounds_reference, page_bounds_triton
+
+    g = torch.Generator(device="cuda").manual_seed(9)
+    page, n_pages = 16, 1000
+    q = torch.randn(2, 32, 128, device="cuda", dtype=torch.float16, generator=g)
+    keys = torch.randn(2, 8, n_pages, page, 128, device="cuda", dtype=torch.float16, generator=g)
+    kmin, kmax = keys.amin(3), keys.amax(3)
+    got = page_bounds_triton(q, kmin, kmax, pool=pool)
+    want = page_bounds_reference(q, kmin, kmax, pool=pool)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-3)
+    scores = torch.einsum("bhgd,bhpkd->bhgpk", q.float().reshape(2, 8, 4, 128), keys.float())
+    best = scores.amax(-1)
+    best = best.amax(2) if pool == "max" else best.mean(2)
+    assert (got >= best - 2e-2).all()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from probes.attention import register_kvlens_attention
+
+    register_kvlens_attention()
+    cfg = LlamaConfig(
+        hidden_size=1024, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=8,
+        num_key_value_heads=2, vocab_size=2000, max_position_embeddings=4096,
+    )  # fmt: skip
+    cfg._attn_implementation = "kvlens"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return LlamaForCausalLM(cfg).to(torch.float16).eval()
+
+
+def _forced(model, spec, ids, follow):
+    from methods.cache import CompressedCache
+    from methods.evaluate import prefill_logits, teacher_forced
+    from methods.registry import create
+
+    cache = CompressedCache(model, create(spec))
+    cache.record_xray()
+    with torch.inference_mode():
+        first = prefill_logits(model, ids, cache)
+        return torch.stack(teacher_forced(model, first, cache, follow)).float(), cache
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 2000, (1500,), generator=g).tolist(), torch.randint(
+        0, 2000, (24,), generator=g
+    ).tolist()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["quest:budget=100000", "oracle:budget=100000", "shadowkv:budget=100000,rank=256,outliers=4"],
+)
+def test_every_page_read_on_cuda_is_the_full_cache(llama, tokens, spec):
+    from transformers import DynamicCache
+
+    from methods.evaluate import prefill_logits, teacher_forced
+
+    ids, follow = tokens
+    with torch.inference_mode():
+        full = DynamicCache()
+        want = torch.stack(teacher_forced(llama, prefill_logits(llama, ids, full), full, follow))
+    got, _ = _forced(llama, spec, ids, follow)
+    torch.testing.assert_close(got, want.float(), atol=5e-2, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "spec", ["quest:budget=128", "random_pages:budget=128", "oracle:budget=100"]
+)
+def test_the_triton_path_equals_the_reference_path(llama, tokens, spec, monkeypatch):
+    import kernels.page_decode as page_decode
+
+    ids, follow = tokens
+    fast, cache = _forced(llama, spec, ids, follow)
+    assert cache.memory()["read_device"] < cache.nbytes() / 4  # it did read a part
+    monkeypatch.setattr(page_decode, "kernel_applies", lambda q, d: False)
+    slow, cache_ref = _forced(llama, spec, ids, follow)
+    torch.testing.assert_close(fast, slow, atol=2e-2, rtol=0)
+    # the same rows read (a near tie of scores may flip after 16-bit rounding differences)
+    same = total = 0
+    for a, b in zip(cache.layers, cache_ref.layers):
+        for (_, _, rows_a, _), (_, _, rows_b, _) in zip(a.selections, b.selections):
+            same += sum(torch.equal(x, y) for x, y in zip(rows_a, rows_b))
+            total += len(rows_a)
+    assert total and same / total >= 0.95
