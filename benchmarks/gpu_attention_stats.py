@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
-from kernels.attention_stats_triton import attention_stats_fast, attention_stats_triton
+from kvlens_kernels.attention_stats_triton import attention_stats_fast, attention_stats_triton
 
 
 def peak_extra(fn) -> float:

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
-from kernels.quant_decode import QuantKV, launch_defaults, quant_decode_triton
-from kernels.quantize import quantize_groups_triton
-from kernels.sparse_decode import sparse_decode_triton
+from kvlens_kernels.quant_decode import QuantKV, launch_defaults, quant_decode_triton
+from kvlens_kernels.quantize import quantize_groups_triton
+from kvlens_kernels.sparse_decode import sparse_decode_triton
 
 HQ, HKV, D = 32, 8, 128
 

@@ -2,8 +2,8 @@
 whole cache, 32 q / 8 kv heads, d 128, at 32k and 128k tokens, batch 1 and 8.
 
 The sparse step, end to end of the attention call: Quest's page bounds from the per-page key
-minima and maxima (``kernels.page_bounds``, Triton), ``torch.topk`` of the pages per KV head,
-then attention over only those pages (``kernels.page_decode``, Triton, the splits combined by
+minima and maxima (``kvlens_kernels.page_bounds``, Triton), ``torch.topk`` of the pages per KV head,
+then attention over only those pages (``kvlens_kernels.page_decode``, Triton, the splits combined by
 LSE). It reads 1/16 of the tokens (``--fraction``) plus the page summaries (2 / page of the
 keys). The summaries are kept up to date as tokens arrive (one page's min/max per step), so
 they are inputs here, as the cache is. SDPA is timed with its default backend and, where they
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench, do_bench_cudagraph
 
-from kernels.page_bounds import page_bounds_triton
-from kernels.page_decode import page_decode_reference, page_decode_triton
+from kvlens_kernels.page_bounds import page_bounds_triton
+from kvlens_kernels.page_decode import page_decode_reference, page_decode_triton
 
 HQ, HKV, D = 32, 8, 128
 BACKENDS = {

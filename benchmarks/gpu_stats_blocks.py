@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from kernels.attention_stats_triton import _sdpa_with_lse, attention_stats_fast
+from kvlens_kernels.attention_stats_triton import _sdpa_with_lse, attention_stats_fast
 
 CONFIGS = [  # (BLOCK_M queries, BLOCK_N keys, warps, stages)
     (64, 64, 4, 3),

@@ -9,8 +9,8 @@ beside benchmarks/gpu_decode.py, which measures.
 
 from __future__ import annotations
 
-from kernels.offline_compile import compile_quant_decode_sm90, main_loop_mix
-from kernels.quant_decode import launch_defaults
+from kvlens_kernels.offline_compile import compile_quant_decode_sm90, main_loop_mix
+from kvlens_kernels.quant_decode import launch_defaults
 
 
 def main() -> None:
@@ -18,7 +18,7 @@ def main() -> None:
         "| codes | warps | tile tokens | registers | shared KiB | instr / iteration | warp instr / (token, KV head) | top opcodes |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---|")
-    # the launcher's defaults for a few rows (kernels/quant_decode.launch_defaults: 8 rows,
+    # the launcher's defaults for a few rows (kvlens_kernels/quant_decode.launch_defaults: 8 rows,
     # 128k tokens), query group 4 (32 q / 8 kv), d 128; where the folded query is held per key
     # group, the loop body counted includes its refold, which runs once per group
     for bits in (2, 4, 8):

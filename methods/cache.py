@@ -23,8 +23,8 @@ import copy
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kernels.attention_stats import attention_stats_reference, attention_with_stats
-from kernels.sparse_decode import sparse_decode
+from kvlens_kernels.attention_stats import attention_stats_reference, attention_with_stats
+from kvlens_kernels.sparse_decode import sparse_decode
 from methods.base import DecodeStep, Method, Observation
 from methods.memory import element_bytes
 from probes.attention import hand_over
@@ -36,12 +36,12 @@ class HeadStore:
     """Per-KV-head storage of kept tokens: keys, values, positions and method state.
 
     Held in capacity buffers [Hkv, C, ...] (grown by doubling, shrunk after eviction) where
-    head h uses rows [0, length_h): the layout ``kernels.sparse_decode`` reads directly.
+    head h uses rows [0, length_h): the layout ``kvlens_kernels.sparse_decode`` reads directly.
     ``keys[h]`` etc. are views of those rows, so in-place edits (merging) land in the store.
     Bytes reported are those of the rows in use.
     """
 
-    supports_decode = True  # ``decode`` reads the buffers with kernels.sparse_decode
+    supports_decode = True  # ``decode`` reads the buffers with kvlens_kernels.sparse_decode
 
     def __init__(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
         self._keys = torch.empty(n_kv_heads, 0, head_dim, dtype=dtype, device=device)
@@ -320,8 +320,8 @@ class CompressedLayer(CacheLayerMixin):
 
     def _sparse_step(self, query: torch.Tensor, scale: float) -> torch.Tensor:
         """One decoding token of the sparse family: the method selects rows per KV head, the
-        store attends exactly over just those (``kernels.page_decode``), the rest of the cache
-        is untouched; the X-ray log records the positions read."""
+        store attends exactly over just those (``kvlens_kernels.page_decode``), the rest of
+        the cache is untouched; the X-ray log records the positions read."""
         store = self.store
         q = query[0, :, 0]  # [Hq, D]
         self.n_seen += 1

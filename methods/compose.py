@@ -14,7 +14,7 @@ What composes, each refusal one line:
 - second: a quantiser that holds tokens in a token store (``kivi``, ``int8``, ``rotatekv``).
 Bytes are the sum of the per-head stores' bytes (``methods.memory``: codes, scales, residual,
 positions) and any per-token state the first method keeps. Decoding reads the store as kept:
-each KV head's codes go through the quantised decode kernel (``kernels.quant_decode``: Triton
+each KV head's codes go through the quantised decode kernel (``kvlens_kernels.quant_decode``: Triton
 on CUDA), one call per KV head; there is no fused sparse-over-quantised kernel, and where the
 per-head store cannot decode (a rotation to undo, ``rotatekv``) the exact reference path runs.
 """

@@ -6,9 +6,9 @@ The decode-step structure follows CUDA-graph serving (vLLM, SGLang; PyTorch's
 so every layer holds buffers sized for the whole generation, the lengths the kernels read live
 in device tensors that the step itself advances, and the host decides nothing from device
 values (no ``.item()``, no lists of lengths). The attention of a step is one of the decode
-kernels over the buffers: ``kernels.sparse_decode`` (the full cache, all heads the same
+kernels over the buffers: ``kvlens_kernels.sparse_decode`` (the full cache, all heads the same
 length, and prefill-only eviction such as SnapKV, heads of their own lengths) or
-``kernels.quant_decode`` (KIVI and int8 codes plus their full-precision residual), launched
+``kvlens_kernels.quant_decode`` (KIVI and int8 codes plus their full-precision residual), launched
 with a split plan fixed by the capacity.
 
 What a step does is what the methods do on their eager kernel path (``methods.cache``):
@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kernels.quant_decode import QuantKV, quant_decode_triton
-from kernels.sparse_decode import sparse_decode_triton
+from kvlens_kernels.quant_decode import QuantKV, quant_decode_triton
+from kvlens_kernels.sparse_decode import sparse_decode_triton
 from methods.cache import CompressedCache, HeadStore
 from methods.memory import element_bytes
 from probes.attention import hand_over

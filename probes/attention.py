@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.attention_stats import (
+from kvlens_kernels.attention_stats import (
     AttentionStats,
     attention_stats_reference,
     attention_with_stats,

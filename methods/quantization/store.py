@@ -2,13 +2,13 @@
 
 Tokens arrive in a full-precision residual window. After each attention call the method
 calls ``flush``: while the residual holds more than ``residual`` tokens, its oldest whole
-groups of ``group`` tokens are quantised (``kernels.quantize``: keys either per channel over
+groups of ``group`` tokens are quantised (``kvlens_kernels.quantize``: keys either per channel over
 the group's tokens (KIVI) or per token, values per token) and appended to the code buffers.
 An optional orthonormal ``rotation`` (e.g. Hadamard) is applied to keys and values before
 quantisation and undone after dequantisation.
 
 Everything lives in capacity buffers (grown by doubling) in the layout the quantised decode
-kernel reads (``kernels.quant_decode.QuantKV``); ``layout()`` hands them over without a copy.
+kernel reads (``kvlens_kernels.quant_decode.QuantKV``); ``layout()`` hands them over without a copy.
 Reading ``keys`` / ``values`` dequantises every stored block (the reference path). The bytes
 reported are those of the codes, scales, zeros, residual and positions in use; dequantised
 tensors are transient scratch.
@@ -20,8 +20,8 @@ import dataclasses
 
 import torch
 
-from kernels.quant_decode import QuantKV, dequantize_cache, quant_decode
-from kernels.quantize import empty_blocks, quantize_groups
+from kvlens_kernels.quant_decode import QuantKV, dequantize_cache, quant_decode
+from kvlens_kernels.quantize import empty_blocks, quantize_groups
 from methods.memory import element_bytes
 from probes.errors import KvlensError
 

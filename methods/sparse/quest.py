@@ -3,14 +3,13 @@ Inference").
 
 The cache is cut into pages of ``page`` tokens; per page and KV head the store keeps the
 channel-wise minimum and maximum of its keys (updated as tokens arrive). A decoding query
-bounds each page's best score by sum_i max(q_i * min_i, q_i * max_i) (``kernels.page_bounds``:
-Triton on CUDA) and reads the top ``budget // page`` pages, the current (last, partial) page
-always among them, as in the paper's implementation. The first ``dense_layers`` layers read
-every page (the paper leaves the first two layers dense). Quest is defined for multi-head
-attention; with grouped queries a KV group reads one set of pages, ranked by the group's
-pooled bound (``pool``: max, which still bounds every head of the group, or mean).
-Choosing reads every page's minimum and maximum: 2 / page of the keys' bytes.
-"""
+bounds each page's best score by sum_i max(q_i * min_i, q_i * max_i)
+(``kvlens_kernels.page_bounds``: Triton on CUDA) and reads the top ``budget // page`` pages,
+the current (last, partial) page always among them, as in the paper's implementation. The first
+``dense_layers`` layers read every page (the paper leaves the first two layers dense). Quest is
+defined for multi-head attention; with grouped queries a KV group reads one set of pages,
+ranked by the group's pooled bound (``pool``: max, which still bounds every head of the group,
+or mean). Choosing reads every page's minimum and maximum: 2 / page of the keys' bytes."""
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from kernels.page_bounds import page_bounds
+from kvlens_kernels.page_bounds import page_bounds
 from methods.base import Selection, require
 from methods.memory import held_bytes
 from methods.registry import register

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.sparse_decode import sparse_decode
+from kvlens_kernels.sparse_decode import sparse_decode
 from methods.base import Selection
 from methods.memory import element_bytes, held_bytes
 from methods.sparse.store import SparseStore

@@ -4,14 +4,14 @@ A ``SparseStore`` is a ``HeadStore`` (every token, per KV head, in capacity buff
 is evicted, so all heads hold the same rows) plus the method's summaries of it (Quest's
 page minima and maxima, Squeezed Attention's centroids, ...) in ``meta``, counted in the
 bytes held. ``attend_selected`` is a step's exact attention over the selected rows only,
-read in place through ``kernels.page_decode`` (Triton on CUDA, its reference on the CPU).
+read in place through ``kvlens_kernels.page_decode`` (Triton on CUDA, its reference on the CPU).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.page_decode import page_decode
+from kvlens_kernels.page_decode import page_decode
 from methods.base import Selection
 from methods.cache import HeadStore
 from methods.memory import element_bytes, held_bytes

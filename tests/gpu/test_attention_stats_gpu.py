@@ -44,8 +44,8 @@ def _eager(q, k, v, scale, window, sinks, local):
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("t", [1024, 4096])
 def test_kernels_match_reference_and_eager(t, d, dtype, impl):
-    from kernels.attention_stats import attention_stats_reference
-    from kernels.attention_stats_triton import attention_stats_fast, attention_stats_triton
+    from kvlens_kernels.attention_stats import attention_stats_reference
+    from kvlens_kernels.attention_stats_triton import attention_stats_fast, attention_stats_triton
 
     q, k, v = _inputs(8, 2, t, d, dtype, seed=t + d)
     kw = {"scale": d**-0.5, "window": 32, "sinks": 4, "local": 16}
@@ -70,8 +70,8 @@ def test_kernels_match_reference_and_eager(t, d, dtype, impl):
 
 
 def test_sliding_window_and_offset_queries():
-    from kernels.attention_stats import attention_stats_reference
-    from kernels.attention_stats_triton import attention_stats_fast, attention_stats_triton
+    from kvlens_kernels.attention_stats import attention_stats_reference
+    from kvlens_kernels.attention_stats_triton import attention_stats_fast, attention_stats_triton
 
     q, k, v = _inputs(4, 1, 700, 128, torch.bfloat16)
     k2, v2 = _inputs(4, 1, 1500, 128, torch.bfloat16, seed=3)[1:]

@@ -58,7 +58,7 @@ def test_kernel_decode_matches_the_statistics_path(llama, spec):
         runs.append((torch.stack(logits), cache))
     (fast, cf), (slow, cs) = runs
     if hasattr(cf.layers[0].store, "layout"):  # quantised: the Triton kernel, not the reference
-        from kernels.quant_decode import kernel_applies
+        from kvlens_kernels.quant_decode import kernel_applies
 
         q = torch.empty(1, 8, 128, device="cuda", dtype=torch.float16)
         assert kernel_applies(q, cf.layers[0].store.layout())

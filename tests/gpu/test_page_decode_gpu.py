@@ -32,7 +32,7 @@ def _pages(bsz, hkv, lengths, page, frac, g):
 @pytest.mark.parametrize("bsz", [1, 8])
 @pytest.mark.parametrize("page", [1, 16, 64])
 def test_page_decode_matches_reference(bsz, page):
-    from kernels.page_decode import page_decode_reference, page_decode_triton
+    from kvlens_kernels.page_decode import page_decode_reference, page_decode_triton
 
     g = torch.Generator(device="cuda").manual_seed(bsz * 100 + page)
     cap = 4096
@@ -51,7 +51,7 @@ def test_page_decode_matches_reference(bsz, page):
 def test_page_decode_matches_sdpa_over_the_gathered_rows(dtype):
     import torch.nn.functional as F
 
-    from kernels.page_decode import page_decode, selected_rows
+    from kvlens_kernels.page_decode import page_decode, selected_rows
 
     g = torch.Generator(device="cuda").manual_seed(5)
     cap, page = 8192, 16
@@ -72,7 +72,7 @@ def test_page_decode_matches_sdpa_over_the_gathered_rows(dtype):
 
 @pytest.mark.parametrize("pool", ["max", "mean"])
 def test_page_bounds_match_reference_and_bound_every_page(pool):
-    from kernels.page_bounds import page_bounds_reference, page_bounds_triton
+    from kvlens_kernels.page_bounds import page_bounds_reference, page_bounds_triton
 
     g = torch.Generator(device="cuda").manual_seed(9)
     page, n_pages = 16, 1000
@@ -146,7 +146,7 @@ def test_every_page_read_on_cuda_is_the_full_cache(llama, tokens, spec):
     "spec", ["quest:budget=128", "random_pages:budget=128", "oracle:budget=100"]
 )
 def test_the_triton_path_equals_the_reference_path(llama, tokens, spec, monkeypatch):
-    import kernels.page_decode as page_decode
+    import kvlens_kernels.page_decode as page_decode
 
     ids, follow = tokens
     fast, cache = _forced(llama, spec, ids, follow)

@@ -11,8 +11,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 def _quant_cache(bsz, hkv, n, r, d, group, bits, per_channel, dtype, seed):
-    from kernels.quant_decode import QuantKV
-    from kernels.quantize import quantize_groups_triton
+    from kvlens_kernels.quant_decode import QuantKV
+    from kvlens_kernels.quantize import quantize_groups_triton
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     keys = torch.randn(bsz * hkv, n, d, device="cuda", dtype=dtype, generator=g)
@@ -31,7 +31,7 @@ def _quant_cache(bsz, hkv, n, r, d, group, bits, per_channel, dtype, seed):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_quantize_kernel_gives_the_reference_codes(bits, per_channel):
-    from kernels.quantize import quantize_groups_reference, quantize_groups_triton
+    from kvlens_kernels.quantize import quantize_groups_reference, quantize_groups_triton
 
     g = torch.Generator(device="cuda").manual_seed(bits)
     keys = torch.randn(8, 4096, 128, device="cuda", dtype=torch.float16, generator=g)
@@ -60,7 +60,11 @@ def test_quantize_kernel_gives_the_reference_codes(bits, per_channel):
     ],
 )
 def test_quant_decode_matches_reference_and_sdpa(dtype, bsz, n, group, bits, per_channel):
-    from kernels.quant_decode import dequantize_cache, quant_decode_reference, quant_decode_triton
+    from kvlens_kernels.quant_decode import (
+        dequantize_cache,
+        quant_decode_reference,
+        quant_decode_triton,
+    )
 
     cache, _, _ = _quant_cache(bsz, 8, n, 100, 128, group, bits, per_channel, dtype, n + bits)
     g = torch.Generator(device="cuda").manual_seed(7)
@@ -79,7 +83,7 @@ def test_quant_decode_matches_reference_and_sdpa(dtype, bsz, n, group, bits, per
 @pytest.mark.parametrize("overlap,per_group", [(False, False), (False, True), (True, False)])
 @pytest.mark.parametrize("bsz,bits,block_n", [(1, 2, 64), (8, 4, 32), (2, 8, 64)])
 def test_every_loop_schedule_matches_the_reference(overlap, per_group, bsz, bits, block_n):
-    from kernels.quant_decode import quant_decode_reference, quant_decode_triton
+    from kvlens_kernels.quant_decode import quant_decode_reference, quant_decode_triton
 
     # 3968 coded tokens in 16 splits (the last one short) and a 32-token residual in a split of
     # its own, which has no tile of codes: the skewed loop's prologue must not read past them

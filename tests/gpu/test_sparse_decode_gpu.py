@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.parametrize("bsz", [1, 8])
 @pytest.mark.parametrize("cap", [1000, 8192])
 def test_sparse_decode_matches_reference(bsz, cap):
-    from kernels.sparse_decode import sparse_decode_reference, sparse_decode_triton
+    from kvlens_kernels.sparse_decode import sparse_decode_reference, sparse_decode_triton
 
     g = torch.Generator(device="cuda").manual_seed(cap + bsz)
     q = torch.randn(bsz, 32, 128, device="cuda", dtype=torch.float16, generator=g)
@@ -27,7 +27,7 @@ def test_sparse_decode_matches_reference(bsz, cap):
 def test_sparse_decode_matches_sdpa_over_the_kept_rows(dtype):
     import torch.nn.functional as F
 
-    from kernels.sparse_decode import sparse_decode
+    from kvlens_kernels.sparse_decode import sparse_decode
 
     g = torch.Generator(device="cuda").manual_seed(3)
     cap, kept = 4096, [410, 1024, 3000, 4096, 1, 77, 2048, 999]

@@ -116,7 +116,6 @@ def test_shared_steps_give_the_logits_and_tokens_of_two_separate_runs(smol, spec
     greedy tokens and bytes are those of two separate runs, bit for bit; an end-of-sequence
     token inside the reference stops both greedy runs there."""
     import torch
-
     from transformers import DynamicCache
 
     from methods.cache import CompressedCache

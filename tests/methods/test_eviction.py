@@ -3,6 +3,8 @@ kept set checked against its rule, computed independently from a probe of the sa
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,8 +46,20 @@ def group_scores(probe, layer, column, kv_head):
     return t.mean(0)
 
 
+def _has_budget(cls) -> bool:
+    return "budget" in {f.name for f in dataclasses.fields(cls)}
+
+
+def test_every_eviction_method_is_checked_for_exactness():
+    # KVzip keeps a ratio of the cache, not a token budget: its ratio=1 exactness is checked
+    # in test_kvzip.py
+    no_budget = {n for n, c in available().items() if c.family == "eviction" and not _has_budget(c)}
+    assert no_budget == {"kvzip"}, no_budget
+
+
 @pytest.mark.parametrize(
-    "name", sorted(n for n, c in available().items() if c.family == "eviction")
+    "name",
+    sorted(n for n, c in available().items() if c.family == "eviction" and _has_budget(c)),
 )
 def test_budget_above_length_equals_full_cache(smol, ids, name):
     model, _ = smol

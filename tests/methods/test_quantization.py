@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.quantize import unpack_words
+from kvlens_kernels.quantize import unpack_words
 from methods.cache import CompressedCache, full_cache_nbytes
 from methods.evaluate import compare
 from methods.quantization.store import QuantHeadStore

@@ -24,7 +24,16 @@ from probes.compat import OLD_NAME, cache_arg, cache_keyword, output_cache
 from tests.architectures import tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("probes", "analysis", "methods", "kernels", "app", "pages", "benchmarks", "tests")
+PACKAGES = (
+    "probes",
+    "analysis",
+    "methods",
+    "kvlens_kernels",
+    "app",
+    "pages",
+    "benchmarks",
+    "tests",
+)
 # the one place that knows both names, and a script whose kvpress side runs in another
 # environment, under the older transformers kvpress pins
 EXEMPT = {ROOT / "probes" / "compat.py", ROOT / "benchmarks" / "parity_kvpress.py"}

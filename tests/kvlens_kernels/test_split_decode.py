@@ -3,7 +3,7 @@ one chunk of loads, empty splits, a row with nothing to attend to)."""
 
 from __future__ import annotations
 
-from tests.kernels.interpreter import needs_triton, run_check
+from tests.kvlens_kernels.interpreter import needs_triton, run_check
 
 
 @needs_triton

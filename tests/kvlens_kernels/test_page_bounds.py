@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.page_bounds import page_bounds
-from tests.kernels.interpreter import needs_triton, run_check
+from kvlens_kernels.page_bounds import page_bounds
+from tests.kvlens_kernels.interpreter import needs_triton, run_check
 
 
 def test_the_bound_never_underestimates_a_pages_best_score():

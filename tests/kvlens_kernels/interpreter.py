@@ -19,9 +19,9 @@ needs_triton = pytest.mark.skipif(
 
 
 def run_check(script: str) -> str:
-    """Run ``tests/kernels/<script>`` with TRITON_INTERPRET=1; its stdout once it exits 0."""
+    """Run ``tests/kvlens_kernels/<script>`` with TRITON_INTERPRET=1; its stdout once it exits 0."""
     result = subprocess.run(
-        [sys.executable, f"tests/kernels/{script}"],
+        [sys.executable, f"tests/kvlens_kernels/{script}"],
         cwd=ROOT,
         env=dict(os.environ, TRITON_INTERPRET="1"),
         capture_output=True,

@@ -15,7 +15,7 @@ holds scores transposed (keys as rows) so column sums reduce inside a warp, and 
 the output atomically.
 Scores are kept in log2 units (scale * log2(e)) so exponentials are exp2. Inputs are one
 sequence: q [Hq, Tq, D], k/v [Hkv, Tk, D]; queries are the last Tq positions.
-``kernels.attention_stats.attention_with_stats`` dispatches here on CUDA.
+``kvlens_kernels.attention_stats.attention_with_stats`` dispatches here on CUDA.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def attention_stats_triton(
     sliding_window: int | None = None,
 ):
     """Output [Hq, Tq, D] and an AttentionStats, computed by the two kernels above."""
-    from kernels.attention_stats import AttentionStats
+    from kvlens_kernels.attention_stats import AttentionStats
 
     hq, tq, d = q.shape
     hkv, tk, _ = k.shape
@@ -380,7 +380,7 @@ def attention_stats_fast(
     """Output and LSE from SDPA's fused kernel (cuDNN/flash), then one Triton pass for every
     statistic. Falls back to ``attention_stats_triton`` where SDPA cannot give the LSE
     (sliding windows, queries that are not the whole sequence, the interpreter)."""
-    from kernels.attention_stats import AttentionStats
+    from kvlens_kernels.attention_stats import AttentionStats
 
     hq, tq, d = q.shape
     hkv, tk, _ = k.shape

@@ -10,7 +10,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 
-from kernels.page_bounds import page_bounds_reference, page_bounds_triton  # noqa: E402
+from kvlens_kernels.page_bounds import page_bounds_reference, page_bounds_triton  # noqa: E402
 
 CASES = [(1, 4, 2, 5, 16), (2, 6, 2, 16, 32), (1, 9, 3, 21, 64), (1, 2, 2, 1, 16)]
 for bsz, hq, hkv, n_pages, d in CASES:  # (B, Hq, Hkv, pages, D)

@@ -3,7 +3,7 @@
 Layout: keys/values [B, Hkv, C, D] buffers of capacity C where KV head (b, h) holds its kept
 tokens in rows [0, lengths[b, h]) (different heads may keep different numbers of tokens;
 rows past the length are never read); queries [B, Hq, D] with query head j reading KV head
-j // (Hq // Hkv). Split over the sequence (flash-decoding, see ``kernels.split_decode``): one
+j // (Hq // Hkv). Split over the sequence (flash-decoding, see ``kvlens_kernels.split_decode``): one
 program per (batch, KV head, split) runs the online softmax for all query heads of the group
 over its slice of the kept rows on tensor cores; a second kernel combines the splits.
 
@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from kernels.split_decode import (
+from kvlens_kernels.split_decode import (
     LOG2E,
     attend_rows,
     combine_splits,
@@ -30,7 +30,7 @@ try:  # Triton is optional on CPU-only installs
     import triton
     import triton.language as tl
 
-    from kernels.split_decode import softmax_block, store_partial
+    from kvlens_kernels.split_decode import softmax_block, store_partial
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 

@@ -11,7 +11,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 
-from kernels.page_decode import page_decode_reference, page_decode_triton  # noqa: E402
+from kvlens_kernels.page_decode import page_decode_reference, page_decode_triton  # noqa: E402
 
 CASES = [  # (B, Hq, Hkv, capacity, D, page size, split_len)
     (1, 4, 2, 64, 16, 16, None),

@@ -12,7 +12,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 
-from kernels.split_decode import combine_splits, group_pad  # noqa: E402
+from kvlens_kernels.split_decode import combine_splits, group_pad  # noqa: E402
 
 CASES = [(1, 4, 2, 3, 32), (2, 8, 2, 64, 128), (1, 4, 1, 150, 128), (1, 6, 2, 300, 64)]
 for bsz, hq, hkv, n_splits, d in CASES:  # d > 32: several programs per row, one per 32 channels

@@ -1,7 +1,7 @@
 """Quantise-and-pack of whole groups of new tokens, as a quantised cache appends them.
 
 Input: keys and values [H, N, D] (N a multiple of ``group``, any float dtype). Output, per KV
-head, in the layout ``kernels.quant_decode`` reads:
+head, in the layout ``kvlens_kernels.quant_decode`` reads:
   key codes [H, N, D*kb/8] uint8 in the word layout (``pack_words``); key scale and zero
   [H, N/group, D] float16 when keys are quantised per channel over each group of tokens
   (KIVI), or [H, N] when per token; value codes [H, N, D*vb/8] in the word layout; value
@@ -9,7 +9,7 @@ head, in the layout ``kernels.quant_decode`` reads:
 Word layout: a token's codes are W = D*b/16 little-endian 16-bit words; field p of word e
 (bits p*b .. p*b+b-1) holds the code of channel e + p*W. So each field of the words is a
 contiguous block of W channels, which the decode kernel multiplies as one operand after
-masking it out of the 16-bit words (``kernels.quant_decode``).
+masking it out of the 16-bit words (``kvlens_kernels.quant_decode``).
 The arithmetic is ``methods.quant.quantize`` (asymmetric round-to-nearest-even, fp16 scale
 and minimum), so the kernel and the reference produce the same codes.
 

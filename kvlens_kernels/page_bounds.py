@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.split_decode import group_pad
+from kvlens_kernels.split_decode import group_pad
 
 try:  # Triton is optional on CPU-only installs
     import triton

@@ -8,13 +8,13 @@ import re
 
 import pytest
 
-from tests.kernels.interpreter import needs_triton
+from tests.kvlens_kernels.interpreter import needs_triton
 
 pytestmark = needs_triton
 
 
 def _compile_sm90(*args, **kwargs) -> str:
-    from kernels.offline_compile import compile_sm90
+    from kvlens_kernels.offline_compile import compile_sm90
 
     return compile_sm90(*args, **kwargs).asm["ptx"]
 
@@ -25,7 +25,7 @@ def _compile_sm90(*args, **kwargs) -> str:
 def test_quantised_decode_reads_codes_as_words_and_unpacks_with_one_and(
     bits, warps, res_stages, overlap
 ):
-    from kernels.offline_compile import compile_quant_decode_sm90
+    from kvlens_kernels.offline_compile import compile_quant_decode_sm90
 
     ptx = compile_quant_decode_sm90(bits, warps, res_stages, overlap=overlap).asm["ptx"]
     # the codes reach registers in 16-bit or wider loads: the byte layout this replaced was
@@ -42,7 +42,7 @@ def test_quantised_decode_reads_codes_as_words_and_unpacks_with_one_and(
 
 
 def test_main_loop_mix_counts_the_tile_loop_of_the_quantised_kernel():
-    from kernels.offline_compile import compile_quant_decode_sm90, main_loop_mix
+    from kvlens_kernels.offline_compile import compile_quant_decode_sm90, main_loop_mix
 
     kernel = compile_quant_decode_sm90(4, 2, 2)
     regs, ops = main_loop_mix(kernel)
@@ -54,7 +54,7 @@ def test_main_loop_mix_counts_the_tile_loop_of_the_quantised_kernel():
 
 
 def test_statistics_pass_compiles_for_sm90_with_wgmma():
-    from kernels.attention_stats_triton import _stats_from_lse
+    from kvlens_kernels.attention_stats_triton import _stats_from_lse
 
     pointers = {"Q": "bf16", "K": "bf16"}
     pointers |= dict.fromkeys(["LSE2", "RECEIVED", "WINDOW", "ENT", "SINK", "MAXP"], "fp32")
@@ -67,7 +67,7 @@ def test_statistics_pass_compiles_for_sm90_with_wgmma():
 
 
 def test_sparse_decode_compiles_for_sm90():
-    from kernels.sparse_decode import _sparse_decode_split
+    from kvlens_kernels.sparse_decode import _sparse_decode_split
 
     pointers = {"Q": "fp16", "K": "fp16", "V": "fp16", "LENGTHS": "i32"}
     pointers |= {"O_PART": "fp32", "L_PART": "fp32"}

@@ -9,7 +9,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 
-from kernels.sparse_decode import sparse_decode_reference, sparse_decode_triton  # noqa: E402
+from kvlens_kernels.sparse_decode import sparse_decode_reference, sparse_decode_triton  # noqa: E402
 
 CASES = [  # (B, Hq, Hkv, capacity, D, split_len)
     (1, 4, 2, 40, 16, None),

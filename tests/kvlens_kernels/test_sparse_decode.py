@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.sparse_decode import sparse_decode, sparse_decode_reference
-from tests.kernels.interpreter import needs_triton, run_check
+from kvlens_kernels.sparse_decode import sparse_decode, sparse_decode_reference
+from tests.kvlens_kernels.interpreter import needs_triton, run_check
 
 
 def test_reference_equals_dense_attention_with_a_length_mask():

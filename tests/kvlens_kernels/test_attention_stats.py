@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.attention_stats as attention_stats
-from kernels.attention_stats import attention_stats_reference
+import kvlens_kernels.attention_stats as attention_stats
+from kvlens_kernels.attention_stats import attention_stats_reference
 
 
 def naive(q, k, v, scale, window, sinks, allowed):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.kernels.interpreter import needs_triton, run_check
+from tests.kvlens_kernels.interpreter import needs_triton, run_check
 
 
 @needs_triton

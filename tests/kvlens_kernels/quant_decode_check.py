@@ -10,8 +10,8 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 
-from kernels.quant_decode import QuantKV, quant_decode_reference, quant_decode_triton  # noqa: E402
-from kernels.quantize import empty_blocks, quantize_groups_triton  # noqa: E402
+from kvlens_kernels.quant_decode import QuantKV, quant_decode_reference, quant_decode_triton  # noqa: E402
+from kvlens_kernels.quantize import empty_blocks, quantize_groups_triton  # noqa: E402
 
 CASES = [  # (B, Hq, Hkv, quantised tokens, residual, D, group, k bits, v bits, per channel, split)
     (1, 4, 2, 64, 5, 128, 16, 2, 2, True, None),

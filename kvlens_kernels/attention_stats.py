@@ -173,7 +173,7 @@ def attention_with_stats(
     (CPU, explicit masks, full probability maps, softcapping)."""
     if triton_supports(q, mask, want_probs, softcap):
         try:
-            from kernels.attention_stats_triton import attention_stats_fast
+            from kvlens_kernels.attention_stats_triton import attention_stats_fast
         except ImportError:  # no Triton installed: the reference still gives exact results
             pass
         else:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.page_decode import page_decode, page_decode_reference, selected_rows
-from tests.kernels.interpreter import needs_triton, run_check
+from kvlens_kernels.page_decode import page_decode, page_decode_reference, selected_rows
+from tests.kvlens_kernels.interpreter import needs_triton, run_check
 
 
 def test_reference_equals_dense_attention_masked_to_the_selected_pages():

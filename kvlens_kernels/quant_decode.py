@@ -1,7 +1,7 @@
 """Single-token decode attention over a KIVI-layout quantised cache, read in its packed form.
 
 Layout (``QuantKV``, batch-first, per KV head): the oldest ``n_quant`` tokens as packed codes
-in the word layout of ``kernels.quantize`` (keys per channel over groups of ``group`` tokens,
+in the word layout of ``kvlens_kernels.quantize`` (keys per channel over groups of ``group`` tokens,
 or per token; values per token; 2, 4 or 8 bits, fp16 scales and zero points), then
 ``n_residual`` newest tokens in full precision. One program per (batch, KV head, split)
 holds all query heads of the group.
@@ -27,7 +27,7 @@ across its tiles, where registers allow); the zero point adds sum(q * zero) to e
 out_p += codes_p^T @ (p * value_scale), and sum(p * value_zero) is added to every channel. The
 blocks join into channel order once per program. The residual is the last segment of the same
 online softmax, read by the last split: by default a split of its own past the codes, so it
-runs beside them. Splits are combined by ``kernels.split_decode``. Where registers allow (2-bit
+runs beside them. Splits are combined by ``kvlens_kernels.split_decode``. Where registers allow (2-bit
 codes over a few rows), the loop is skewed by one tile: the next tile's scores are computed before
 this tile's softmax and value products, so the scheduler has two independent chains to interleave.
 
@@ -43,8 +43,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.quantize import QuantBlocks, unpack_words
-from kernels.split_decode import (
+from kvlens_kernels.quantize import QuantBlocks, unpack_words
+from kvlens_kernels.split_decode import (
     LOG2E,
     attend_rows,
     combine_splits,
@@ -57,7 +57,7 @@ try:  # Triton is optional on CPU-only installs
     import triton
     import triton.language as tl
 
-    from kernels.split_decode import softmax_block, store_partial
+    from kvlens_kernels.split_decode import softmax_block, store_partial
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
@@ -66,7 +66,7 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 class QuantKV:
     """A quantised KV cache in the decode kernel's layout ([B, H, ...] tensors)."""
 
-    key_codes: torch.Tensor  # uint8 [B, H, C, D*kb/8], word layout (kernels.quantize)
+    key_codes: torch.Tensor  # uint8 [B, H, C, D*kb/8], word layout (kvlens_kernels.quantize)
     key_scale: torch.Tensor  # fp16 [B, H, C/group, D] per channel, or [B, H, C] per token
     key_zero: torch.Tensor
     value_codes: torch.Tensor  # uint8 [B, H, C, D*vb/8], word layout
@@ -91,7 +91,7 @@ class QuantKV:
         *, key_bits: int, value_bits: int, group: int, key_per_channel: bool,
         n_residual: int | None = None,
     ) -> QuantKV:  # fmt: skip
-        """A cache from ``kernels.quantize`` output for B x H rows ([B*H, n, ...], all in use)
+        """A cache from ``kvlens_kernels.quantize`` output for B x H rows ([B*H, n, ...], all in use)
         and a residual [B, H, R, D] (its first ``n_residual`` rows in use, default all)."""
         bsz, hkv = residual_keys.shape[:2]
         parts = [getattr(blocks, f.name) for f in dataclasses.fields(blocks)]

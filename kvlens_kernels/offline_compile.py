@@ -50,11 +50,11 @@ def compile_quant_decode_sm90(
     bits: int, num_warps: int, res_stages: int, block_n: int = 64, overlap: bool = False,
     fold_per_group: bool = True,
 ):  # fmt: skip
-    """``kernels.quant_decode``'s split kernel for sm_90 as its launcher runs it on a 32 q / 8 kv,
+    """``kvlens_kernels.quant_decode``'s split kernel for sm_90 as its launcher runs it on a 32 q / 8 kv,
     d 128 model (query group 4, per-channel keys in groups of 128), ``bits`` for keys and
     values, 3 stages; ``overlap``: the tile loop skewed by one tile; ``fold_per_group``: the
     folded query held across a key group's tiles."""
-    from kernels.quant_decode import _quant_decode_split
+    from kvlens_kernels.quant_decode import _quant_decode_split
 
     pointers = dict.fromkeys(["Q", "KS", "KZ", "VS", "VZ", "RK", "RV"], "fp16")
     pointers |= {"KC": "i16", "VC": "i16", "O_PART": "fp32", "L_PART": "fp32"}

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.quantize import pack_words, quantize_groups, unpack_words
-from tests.kernels.interpreter import needs_triton, run_check
+from kvlens_kernels.quantize import pack_words, quantize_groups, unpack_words
+from tests.kvlens_kernels.interpreter import needs_triton, run_check
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -10,7 +10,7 @@ never read). Queries [B, Hq, D], query head j reading KV head j // (Hq // Hkv). 
 makes the page table a list of single rows (token-level selection, e.g. oracle top-k).
 
 The kernel walks the *selected slots* (slot s is row pages[s // P] * P + s % P), split over
-the sequence like the other decode kernels (``kernels.split_decode``): one program per (batch,
+the sequence like the other decode kernels (``kvlens_kernels.split_decode``): one program per (batch,
 KV head, split) runs the online softmax of every query head of the group over its slots, the
 combine kernel merges the splits by their log-sum-exp. Only the selected rows are loaded.
 
@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from kernels.split_decode import (
+from kvlens_kernels.split_decode import (
     LOG2E,
     attend_rows,
     combine_splits,
@@ -36,7 +36,7 @@ try:  # Triton is optional on CPU-only installs
     import triton
     import triton.language as tl
 
-    from kernels.split_decode import softmax_block, store_partial
+    from kvlens_kernels.split_decode import softmax_block, store_partial
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 

@@ -9,7 +9,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 
-from kernels.quantize import quantize_groups_reference, quantize_groups_triton  # noqa: E402
+from kvlens_kernels.quantize import quantize_groups_reference, quantize_groups_triton  # noqa: E402
 
 CASES = [  # (heads, tokens, D, group, key bits, value bits, keys per channel)
     (2, 32, 16, 16, 2, 2, True),

@@ -10,8 +10,8 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 
-from kernels.attention_stats import attention_stats_reference  # noqa: E402
-from kernels.attention_stats_triton import (  # noqa: E402
+from kvlens_kernels.attention_stats import attention_stats_reference  # noqa: E402
+from kvlens_kernels.attention_stats_triton import (  # noqa: E402
     attention_stats_fast,
     attention_stats_triton,
 )

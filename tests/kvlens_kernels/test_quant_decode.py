@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.quant_decode import (
+from kvlens_kernels.quant_decode import (
     HIGH_BYTES_ASM,
     SUBNORMAL_UNIT,
     QuantKV,
@@ -22,7 +22,7 @@ from kernels.quant_decode import (
     launch_defaults,
     quant_decode,
 )
-from kernels.quantize import quantize_groups
+from kvlens_kernels.quantize import quantize_groups
 from methods.quant import dequantize, quantize
 
 
