@@ -61,6 +61,21 @@ def _chunk_text(rng: random.Random, n_tokens: int, count, fact: str, depth: floa
     return " ".join(sentences) + "\n\n"
 
 
+def check_rag_settings(
+    kind: str, n_chunks: int, chunk_tokens: int, answer_chunk: int | None = None
+) -> None:
+    """Refuse settings ``make_rag_task`` cannot build (one line), without a tokenizer."""
+    if kind not in RAG_KINDS:
+        raise KvlensError(f"task must be one of {', '.join(RAG_KINDS)}, not '{kind}'")
+    low = 2 if kind == "twohop" else 1
+    if not low <= n_chunks <= len(_KEYS) - 1:
+        raise KvlensError(f"{kind}: chunks must be in {low}..{len(_KEYS) - 1}, got {n_chunks}")
+    if chunk_tokens < 32:
+        raise KvlensError(f"chunk tokens must be >= 32, got {chunk_tokens}")
+    if answer_chunk is not None and not low - 1 <= answer_chunk < n_chunks:
+        raise KvlensError(f"answer chunk must be in {low - 1}..{n_chunks - 1}, got {answer_chunk}")
+
+
 def make_rag_task(
     kind: str,
     tokenizer,
@@ -74,15 +89,8 @@ def make_rag_task(
 
     ``answer_chunk`` places the (last) fact the answer needs; by default a random chunk
     (for ``twohop``, the link sits in a random earlier chunk)."""
-    if kind not in RAG_KINDS:
-        raise KvlensError(f"task must be one of {', '.join(RAG_KINDS)}, not '{kind}'")
+    check_rag_settings(kind, n_chunks, chunk_tokens, answer_chunk)
     low = 2 if kind == "twohop" else 1
-    if not low <= n_chunks <= len(_KEYS) - 1:
-        raise KvlensError(f"{kind}: chunks must be in {low}..{len(_KEYS) - 1}, got {n_chunks}")
-    if chunk_tokens < 32:
-        raise KvlensError(f"chunk tokens must be >= 32, got {chunk_tokens}")
-    if answer_chunk is not None and not low - 1 <= answer_chunk < n_chunks:
-        raise KvlensError(f"answer chunk must be in {low - 1}..{n_chunks - 1}, got {answer_chunk}")
     rng = random.Random(f"{kind}-{n_chunks}-{chunk_tokens}-{answer_chunk}-{seed}")
 
     def count(text: str) -> int:
