@@ -150,7 +150,9 @@ def test_the_triton_path_equals_the_reference_path(llama, tokens, spec, monkeypa
 
     ids, follow = tokens
     fast, cache = _forced(llama, spec, ids, follow)
-    assert cache.memory()["read_device"] < cache.nbytes() / 4  # it did read a part
+    last = cache.layers[-1]  # Quest leaves its first two layers (of three here) dense
+    read = sum(r[1] for r in last.reads) / len(last.reads)
+    assert read < last.nbytes() / 4  # the sparse layer read a part
     monkeypatch.setattr(page_decode, "kernel_applies", lambda q, d: False)
     slow, cache_ref = _forced(llama, spec, ids, follow)
     torch.testing.assert_close(fast, slow, atol=2e-2, rtol=0)
