@@ -27,6 +27,7 @@ KEEP_RECENT = 5  # a 1k-token trace with K/V is about 80 MB on disk
 # buttons and charts never use them.
 INPUT_PREFIXES = ("probe_", "task_", "lab_", "lb_", "rh_", "hh_", "out_", "cl_kind", "attn_measure")
 INPUT_PREFIXES += ("sp_",)  # the Sparse attention page
+INPUT_PREFIXES += ("cr_",)  # the Chunk reuse page
 NOT_INPUTS = ("_btn", "_run")  # button keys (probe_run predates the _btn rule)
 
 

@@ -7,6 +7,7 @@ import streamlit as st
 from app import state
 from pages import (
     attention,
+    chunk_reuse,
     compression_lab,
     cross_layer,
     heavy_hitters,
@@ -32,6 +33,7 @@ PAGES = [
     st.Page(cross_layer.render, title="Cross-layer", url_path="cross-layer"),
     st.Page(compression_lab.render, title="Compression lab", url_path="compression-lab"),
     st.Page(sparse_attention.render, title="Sparse attention", url_path="sparse-attention"),
+    st.Page(chunk_reuse.render, title="Chunk reuse", url_path="chunk-reuse"),
     st.Page(leaderboard.render, title="Leaderboard", url_path="leaderboard"),
     st.Page(report.render, title="Report", url_path="report"),
 ]
