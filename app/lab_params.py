@@ -67,6 +67,17 @@ HELP: dict[str, str] = {
     "layer": "the early layer whose last query picks the tokens; -1 = 40% of the depth",
     "positions": "renumber the kept tokens 0..k-1 (the paper) or keep their prompt positions",
     "scope": "rank heads within each layer, or across the whole model",
+    # 1.x-bit (VidKV), block floating point, COMET
+    "key_bits": "average bits per key code (anomalous channels high, the rest low)",
+    "value_bits": "average bits per value code (anomalous channels high, the rest low)",
+    "normal_bits": "bit width of the normal channels",
+    "anomalous_bits": "bit width of the anomalous (widest-range) channels",
+    "salient_values": "fraction of tokens (most attended) whose values stay in 16 bits",
+    "mantissa": "bits per entry, sign included, under a block's shared exponent",
+    "block": "channels sharing one exponent",
+    "rearrange": "sort channels by magnitude so outlier channels share blocks",
+    "outlier_bits": "bit width of the widest-range groups",
+    "outlier_groups": "share of groups (the widest range) stored at outlier_bits",
 }
 
 # parameters counted in prompt tokens

@@ -119,6 +119,11 @@ class Context:
         )
 
 
+#: what ``ReuseMethod.run`` returns: the cache after the question, the next-token logits, the
+#: schedule of what was computed and the method's notes
+RunOutput = tuple[ReuseCache, torch.Tensor, Schedule, dict]
+
+
 @dataclass
 class ReuseMethod:
     """Base of every chunk-reuse method: a dataclass whose fields are its parameters."""
@@ -133,7 +138,7 @@ class ReuseMethod:
     def validate(self) -> None:
         pass
 
-    def run(self, ctx: Context) -> tuple[ReuseCache, torch.Tensor, Schedule, dict]:
+    def run(self, ctx: Context) -> RunOutput:
         """(cache after the question, next-token logits, schedule, method notes)."""
         raise NotImplementedError
 

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 
 from methods.base import require
-from methods.reuse.base import Context, ReuseMethod, Schedule
+from methods.reuse.base import Context, ReuseMethod, RunOutput, Schedule
 
 DEVIATIONS = ("key", "value", "kv")
 
@@ -76,7 +76,7 @@ class CacheBlend(ReuseMethod):
             return [self.recompute]
         return [start + (self.recompute - start) * i / (self.steps - 1) for i in range(self.steps)]
 
-    def run(self, ctx: Context):
+    def run(self, ctx: Context) -> RunOutput:
         require(
             self.check_layer + self.steps <= ctx.n_layers,
             self.name,

@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 
 from methods.base import require
-from methods.reuse.base import Context, ReuseMethod, uniform_schedule
+from methods.reuse.base import Context, ReuseMethod, RunOutput, uniform_schedule
 from methods.reuse.history import earlier_request
 
 
@@ -87,7 +87,7 @@ class CacheCraft(ReuseMethod):
         ]
         return cfo, counts
 
-    def run(self, ctx: Context):
+    def run(self, ctx: Context) -> RunOutput:
         lay = ctx.layout
         key = ("history", self.history_seed, ctx.rotation)
         if key not in ctx.extra:

@@ -10,11 +10,15 @@ inter-chunk attention). Caches are returned per chunk in the current request's n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from methods.reuse.cache import ReuseCache
 from methods.reuse.chunks import ChunkKV
+
+if TYPE_CHECKING:
+    from methods.reuse.base import Context
 
 
 @dataclass
@@ -24,7 +28,9 @@ class Earlier:
     outside: list[torch.Tensor]  # per chunk, per token: mass on the other chunks
 
 
-def earlier_request(ctx, order: list[int], rotation_pre: bool = False) -> Earlier:
+def earlier_request(ctx: Context, order: list[int], rotation_pre: bool = False) -> Earlier:
+    """Prefill the header and the chunks in ``order`` (no question); each chunk's cache cut
+    out, with its tokens' attention mass on the other chunks."""
     lay = ctx.layout
     ids = list(lay.header)
     seg = [-1] * len(lay.header)

@@ -30,7 +30,7 @@ from typing import ClassVar
 import torch
 
 from methods.base import require
-from methods.reuse.base import Context, ReuseMethod, uniform_schedule
+from methods.reuse.base import Context, ReuseMethod, RunOutput, uniform_schedule
 from methods.reuse.history import earlier_request
 
 MATCHES = ("prefix", "content")
@@ -92,7 +92,7 @@ class KVComm(ReuseMethod):
             ]
         )
 
-    def run(self, ctx: Context):
+    def run(self, ctx: Context) -> RunOutput:
         lay = ctx.layout
         n_chunks = len(lay.chunks)
         alone = ctx.alone()

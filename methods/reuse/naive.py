@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import torch
 
-from methods.reuse.base import Context, ReuseMethod, uniform_schedule
+from methods.reuse.base import Context, ReuseMethod, RunOutput, uniform_schedule
 
 
 @dataclass
@@ -18,7 +18,7 @@ class NaiveReuse(ReuseMethod):
     paper: ClassVar[str] = "Yao et al. 2025, CacheBlend (its full-reuse baseline)"
     summary: ClassVar[str] = "chunk caches prefilled alone, re-rotated and concatenated"
 
-    def run(self, ctx: Context):
+    def run(self, ctx: Context) -> RunOutput:
         cache = ctx.assemble(ctx.alone())
         none = torch.empty(0, dtype=torch.long)
         logits = ctx.finish(cache, none)
