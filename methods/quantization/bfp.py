@@ -139,15 +139,13 @@ class BlockFloatingPoint(PromptEncoder):
         )
         require(self.block >= 1, self.name, f"block must be >= 1, got {self.block}")
 
-    def new_store(self, n_kv_heads, head_dim, dtype, device):
-        require(
-            head_dim % self.block == 0,
-            self.name,
-            f"block={self.block} must divide the head dimension {head_dim}",
-        )
-        return super().new_store(n_kv_heads, head_dim, dtype, device)
-
     def encode_head(self, obs, head, keys, values, positions):
+        # checked here, not in new_store: compose probes new_store with a dummy head size
+        require(
+            keys.shape[-1] % self.block == 0,
+            self.name,
+            f"block={self.block} must divide the head dimension {keys.shape[-1]}",
+        )
         m, b, r = self.mantissa, self.block, self.rearrange
         return BFPHead(
             BlockFloat.encode(keys, m, b, r),

@@ -126,15 +126,13 @@ class Comet(PromptEncoder):
         )
         require(self.group >= 1, self.name, f"group must be >= 1, got {self.group}")
 
-    def new_store(self, n_kv_heads, head_dim, dtype, device):
-        require(
-            head_dim % self.group == 0,
-            self.name,
-            f"group={self.group} must divide the head dimension {head_dim}",
-        )
-        return super().new_store(n_kv_heads, head_dim, dtype, device)
-
     def encode_head(self, obs, head, keys, values, positions):
+        # checked here, not in new_store: compose probes new_store with a dummy head size
+        require(
+            keys.shape[-1] % self.group == 0,
+            self.name,
+            f"group={self.group} must divide the head dimension {keys.shape[-1]}",
+        )
         args = (self.bits, self.outlier_bits, self.outlier_groups, self.group)
         return CometHead(
             MixedGroups.encode(keys, *args), MixedGroups.encode(values, *args), positions.clone()

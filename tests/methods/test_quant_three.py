@@ -259,3 +259,11 @@ def test_the_lab_and_the_cli_list_each_method_with_help_for_each_parameter(name,
     cmd_methods(None)
     listing = capsys.readouterr().out
     assert f"\n{name} " in listing and cls.paper in listing
+
+
+@pytest.mark.parametrize("name", sorted(HIGH))
+def test_composing_after_an_eviction_is_refused_in_one_line(name):
+    # each re-encodes the whole prompt at once: no token store for an eviction to feed
+    with pytest.raises(KvlensError, match="re-encodes the whole prompt") as err:
+        create(f"snapkv:budget=32+{name}")
+    assert "\n" not in str(err.value)
