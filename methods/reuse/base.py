@@ -81,6 +81,9 @@ class Context:
         self.n_layers = model.config.get_text_config().num_hidden_layers
         self._alone: list[ChunkKV] | None = None
         self.extra: dict[str, object] = {}  # caches of earlier requests (history, anchors)
+        #: keep the question's attention rows on the host (``analysis.chunk_reuse``); timing
+        #: runs turn it off
+        self.record = True
 
     def alone(self) -> list[ChunkKV]:
         """Each chunk prefilled alone at position 0 (CacheBlend's chunk caches)."""
@@ -105,10 +108,12 @@ class Context:
         return cache
 
     def finish(
-        self, cache: ReuseCache, recompute: torch.Tensor, record: bool = True
+        self, cache: ReuseCache, recompute: torch.Tensor, record: bool | None = None
     ) -> torch.Tensor:
         """Recompute context positions ``recompute`` at every layer with the question after
-        them; the next-token logits."""
+        them; the next-token logits. ``record`` (default ``self.record``) keeps the question's
+        attention rows."""
+        record = self.record if record is None else record
         lay = self.layout
         pos = sorted(int(p) for p in recompute)
         ids = lay.ids

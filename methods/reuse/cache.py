@@ -14,6 +14,7 @@ stop after a layer's keys/values are computed (``stop_after``): CacheBlend's che
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -81,7 +82,9 @@ class ReuseLayer(CacheLayerMixin):
         return key_states, value_states
 
     def attend(self, query, key, value, *, scale, sliding_window=None, softcap=None):
-        """Each query attends over the filled positions at or before its own."""
+        """Each query attends over the filled positions at or before its own: SDPA with that
+        mask (float32 on the CPU, the model's dtype elsewhere), or blockwise softmax where the
+        attention mass on other chunks is wanted (``segments``) or logits are soft-capped."""
         qpos = self.owner.positions.to(query.device)
         n = self.k.shape[1]
         kpos = torch.arange(n, device=query.device)
@@ -89,12 +92,30 @@ class ReuseLayer(CacheLayerMixin):
         if sliding_window is not None:
             allowed &= kpos[None, :] > qpos[:, None] - sliding_window
         hq, hkv = query.shape[1], self.k.shape[0]
+        record = self.owner.record_last
+        seg = self.owner.segments
+        if seg is None and softcap is None:
+            # KV heads repeated (a masked SDPA with GQA can fall back to the math kernel) and
+            # queries in blocks, bounding memory whichever kernel runs
+            dtype = torch.float32 if query.device.type == "cpu" else query.dtype
+            k = self.k.repeat_interleave(hq // hkv, 0)[None].to(dtype)
+            v = self.v.repeat_interleave(hq // hkv, 0)[None].to(dtype)
+            q = query.to(dtype)
+            out = torch.empty_like(q)
+            block = 2048
+            for s in range(0, q.shape[2], block):
+                out[:, :, s : s + block] = F.scaled_dot_product_attention(
+                    q[:, :, s : s + block], k, v, attn_mask=allowed[None, None, s : s + block],
+                    scale=scale,
+                )  # fmt: skip
+            if record:
+                q_tail = query[0, :, -record:].float()
+                self.rows = self._rows(q_tail, k[0].float(), allowed[-record:], scale)
+            return out.to(query.dtype)
         k = self.k.repeat_interleave(hq // hkv, 0).float()
         v = self.v.repeat_interleave(hq // hkv, 0).float()
         q = query[0].float()
-        record = self.owner.record_last
         out = torch.empty_like(q)
-        seg = self.owner.segments
         if seg is not None:
             seg = seg.to(query.device)
             qseg = seg[qpos]
@@ -112,12 +133,17 @@ class ReuseLayer(CacheLayerMixin):
                 mass = (probs * other[None, s : s + block]).sum(-1).mean(0)
                 self.outside[s : s + block] = mass.cpu()
         if record:
-            tail = q[:, -record:] @ k.transpose(1, 2) * scale
-            if softcap is not None:
-                tail = torch.tanh(tail / softcap) * softcap
-            tail = tail.masked_fill(~allowed[None, -record:], float("-inf"))
-            self.rows = torch.softmax(tail, dim=-1).cpu()
+            self.rows = self._rows(q[:, -record:], k, allowed[-record:], scale, softcap)
         return out[None].to(query.dtype)
+
+    @staticmethod
+    def _rows(q, k, allowed, scale, softcap=None) -> torch.Tensor:
+        """Attention probabilities [Hq, Tq, n] of queries ``q`` over keys ``k`` (on the CPU)."""
+        tail = q @ k.transpose(1, 2) * scale
+        if softcap is not None:
+            tail = torch.tanh(tail / softcap) * softcap
+        tail = tail.masked_fill(~allowed[None], float("-inf"))
+        return torch.softmax(tail, dim=-1).cpu()
 
     def get_seq_length(self) -> int:
         return 0 if self.filled is None else int(self.filled.sum())
