@@ -22,6 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "anchor": ANCHORS,
     "positions": POSITIONS,
     "scope": SCOPES,
+    "allocate": ("adaptive", "uniform"),
 }
 
 HELP: dict[str, str] = {
@@ -78,6 +79,9 @@ HELP: dict[str, str] = {
     "rearrange": "sort channels by magnitude so outlier channels share blocks",
     "outlier_bits": "bit width of the widest-range groups",
     "outlier_groups": "share of groups (the widest range) stored at outlier_bits",
+    # channel / head compression (CSKV, KV-head PCA, MatryoshkaKV)
+    "heads_merged": "consecutive KV heads merged into one by PCA (the last group may be smaller)",
+    "allocate": "ranks per head: uniform (all the same) or adaptive (shared out by energy)",
 }
 
 # parameters counted in prompt tokens
