@@ -78,9 +78,19 @@ def test_high_bits_are_near_the_full_cache(smol, ids, full_next, name):
 
 
 def _np_uniform(x: np.ndarray, bits: int) -> np.ndarray:
-    """Asymmetric round-to-nearest over axis 0 of x, fp16 minimum and step (methods.quant)."""
-    lo = x.min(0).astype(np.float16)
-    hi = x.max(0).astype(np.float16)
+    """Asymmetric round-to-nearest over axis 0 of x, fp16 minimum and step (methods.quant);
+    at 1 bit (vidkv) the levels are the means of the entries below and above the mean."""
+    if bits == 1:
+        x64 = x.astype(np.float64)
+        up = x64 >= x.mean(0, dtype=np.float64).astype(np.float32)
+        n_up, n_dn = up.sum(0), (~up).sum(0)
+        mean_up = (x64 * up).sum(0) / np.maximum(n_up, 1)
+        mean_dn = (x64 * ~up).sum(0) / np.maximum(n_dn, 1)
+        lo = np.where(n_dn > 0, mean_dn, mean_up).astype(np.float16)
+        hi = np.where(n_up > 0, mean_up, mean_dn).astype(np.float16)
+    else:
+        lo = x.min(0).astype(np.float16)
+        hi = x.max(0).astype(np.float16)
     step = np.maximum((hi.astype(np.float32) - lo) / (2**bits - 1), 1e-8).astype(np.float16)
     step32 = step.astype(np.float32)
     codes = np.clip(np.round((x - lo.astype(np.float32)) / step32), 0, 2**bits - 1)
@@ -200,10 +210,13 @@ def _cells(n_layers=30, n_heads=3) -> int:
 def test_bytes_of_a_real_prefill_are_the_stored_codes(smol, ids):
     model, _ = smol
     d, n = 64, N
-    # vidkv defaults: 1.5 bits = 32 channels at 2 bits, 32 at 1 bit, groups of 128 tokens
-    # (one group for 120 tokens); values of round(0.02 * 120) = 2 tokens kept in 16 bits
+    # vidkv defaults: 1.5 bits = 32 channels at 2 bits, 32 at 1 bit, fp16 step and zero per
+    # channel and group of 32 tokens; values of round(0.02 * 120) = 2 tokens kept in 16 bits
     k = 2
-    per_tensor = lambda rows: math.ceil(rows * 32 * 3 / 8) + 64 * 2 * 2 + 32 * 4  # noqa: E731
+
+    def per_tensor(rows):
+        return math.ceil(rows * 32 * 3 / 8) + math.ceil(rows / 32) * 64 * 2 * 2 + 32 * 4
+
     vid = per_tensor(n) + per_tensor(n - k) + k * (d * 2 + 4) + n * 4
     assert _prefill(model, ids, "vidkv").nbytes() == _cells() * vid
     # bfp defaults: 4-bit mantissas, 4 blocks of 16 per token, int32 order, for K and V
