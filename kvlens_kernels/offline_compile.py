@@ -50,19 +50,20 @@ def compile_quant_decode_sm90(
     bits: int, num_warps: int, res_stages: int, block_n: int = 64, overlap: bool = False,
     fold_per_group: bool = True,
 ):  # fmt: skip
-    """``kvlens_kernels.quant_decode``'s split kernel for sm_90 as its launcher runs it on a 32 q / 8 kv,
-    d 128 model (query group 4, per-channel keys in groups of 128), ``bits`` for keys and
+    """``kvlens_kernels.quant_decode``'s split kernel for sm_90 as its launcher runs it on a
+    32 q / 8 kv, d 128 model (query group 4, per-channel keys in groups of 128), ``bits`` for keys and
     values, 3 stages; ``overlap``: the tile loop skewed by one tile; ``fold_per_group``: the
-    folded query held across a key group's tiles."""
+    folded query held across a key group's tiles; lengths passed by value (``DEVICE_LEN``
+    off: the eager launch, not the CUDA-graph step's device-held lengths)."""
     from kvlens_kernels.quant_decode import _quant_decode_split
 
     pointers = dict.fromkeys(["Q", "KS", "KZ", "VS", "VZ", "RK", "RV"], "fp16")
-    pointers |= {"KC": "i16", "VC": "i16", "O_PART": "fp32", "L_PART": "fp32"}
+    pointers |= {"KC": "i16", "VC": "i16", "O_PART": "fp32", "L_PART": "fp32", "NLEN": "i32"}
     strides = {"stride_qb", "stride_qh", "kc_bh", "ks_bh", "vc_bh", "vs_bh", "rk_bh", "rv_bh"}
     constexprs = dict(
         GROUP=4, GP=4, D=128, BLOCK_N=block_n, KBITS=bits, VBITS=bits, QGROUP=128,
         PER_CHANNEL=True, FAST=True, RES_STAGES=res_stages, OVERLAP=overlap,
-        FOLD_PER_GROUP=fold_per_group,
+        FOLD_PER_GROUP=fold_per_group, DEVICE_LEN=False,
     )  # fmt: skip
     return compile_sm90(
         _quant_decode_split, pointers, {"scale_log2"}, constexprs, num_warps, 3,

@@ -160,9 +160,9 @@ def test_a_new_user_walks_through_the_app(server, browser, tmp_path):
     page.get_by_role("textbox", name="prompt").fill(prompt)
     page.get_by_role("textbox", name="prompt").blur()
     page.wait_for_timeout(1000)
-    page.get_by_role("link", name="Attention").click()
+    page.get_by_role("link", name="Attention", exact=True).click()
     page.get_by_text("No trace yet").wait_for(timeout=90_000)
-    page.get_by_role("link", name="Probe").click()
+    page.get_by_role("link", name="Probe", exact=True).click()
     page.get_by_role("button", name="Run probe").wait_for(timeout=90_000)
     assert page.get_by_role("textbox", name="prompt").input_value() == prompt
 
@@ -175,7 +175,7 @@ def test_a_new_user_walks_through_the_app(server, browser, tmp_path):
     _shot(page, "01-probe")
 
     # broken 1: clicking a head in the overview selects it
-    page.get_by_role("link", name="Attention").click()
+    page.get_by_role("link", name="Attention", exact=True).click()
     page.get_by_role("heading", name="Attention").wait_for(timeout=60_000)
     grid = page.locator(".js-plotly-plot").first
     grid.wait_for(timeout=60_000)
@@ -208,17 +208,19 @@ def test_a_new_user_walks_through_the_app(server, browser, tmp_path):
             ("Retrieval heads", "Retrieval heads"),
             ("Outlier channels", "Outlier channels"),
             ("Cross-layer", "Cross-layer similarity"),
+            ("Sparse attention", "Sparse attention"),
+            ("Chunk reuse", "Chunk reuse"),
             ("Leaderboard", "Leaderboard"),
         ]
     ):
-        page.get_by_role("link", name=name).click()
+        page.get_by_role("link", name=name, exact=True).click()
         page.get_by_role("heading", name=heading).wait_for(timeout=60_000)
         _settle(page)
         assert page.locator("text=Traceback").count() == 0
         assert page.locator("[data-testid='stException']").count() == 0
         _shot(page, f"0{i + 3}-{name.replace(' ', '-').lower()}")
 
-    page.get_by_role("link", name="Compression lab").click()
+    page.get_by_role("link", name="Compression lab", exact=True).click()
     page.get_by_role("button", name="Run comparison").click()
     page.locator(".kvlens-output").nth(2).wait_for(timeout=240_000)
     outputs = page.locator(".kvlens-output")
@@ -227,7 +229,7 @@ def test_a_new_user_walks_through_the_app(server, browser, tmp_path):
     _shot(page, "08-compression-lab")
 
     # broken 4: the downloaded report's series keep their colours
-    page.get_by_role("link", name="Report").click()
+    page.get_by_role("link", name="Report", exact=True).click()
     page.get_by_role("button", name="Build report").click()
     page.locator("[data-testid='stAlert'], [data-testid='stDownloadButton']").first.wait_for(
         timeout=300_000
