@@ -86,9 +86,7 @@ class BlockFloat:
         xs = bfp_dequantize(self.mantissas, self.exponents, self.mantissa)
         if self.order is None:
             return xs
-        out = torch.empty_like(xs)
-        out[:, self.order.long()] = xs
-        return out
+        return xs.index_select(1, torch.argsort(self.order.long()))
 
     def nbytes(self) -> int:
         return code_bytes(self.mantissas.numel(), self.mantissa) + held_bytes(

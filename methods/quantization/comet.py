@@ -63,14 +63,13 @@ class MixedGroups:
 
     def rebuild(self) -> torch.Tensor:
         n, d = self.shape
-        out = torch.empty(n * d // self.group, self.group, device=self.high_index.device)
-        is_high = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
-        is_high[self.high_index.long()] = True
-        if self.high is not None:
-            out[is_high] = dequantize(self.high)
-        if self.low is not None:
-            out[~is_high] = dequantize(self.low)
-        return out.reshape(n, d)
+        index = self.high_index.long()
+        is_high = torch.zeros(n * d // self.group, dtype=torch.bool, device=index.device)
+        is_high[index] = True
+        order = torch.cat([index, torch.nonzero(~is_high).flatten()])  # high groups first
+        parts = [dequantize(q) for q in (self.high, self.low) if q is not None]
+        # gather back to group order (index_select, much faster than an index_put)
+        return torch.cat(parts).index_select(0, torch.argsort(order)).reshape(n, d)
 
     def nbytes(self) -> int:
         return held_bytes(self.high_index) + sum(
