@@ -1,27 +1,36 @@
 """Latent attention readiness: how much of a GQA layer's K/V a joint low-rank latent keeps.
 
-TransMLA (Meng et al. 2025) rewrites a GQA model as multi-head latent attention: the keys of
-all KV heads are compressed *jointly* into one latent per token (and the values likewise),
-with the latent's basis taken from a principal-component analysis of the activations, and
-up-projections that rebuild each head from it. At rank n_kv * head_dim the latent holds the
-GQA cache exactly; below that, a layer is "MLA-ready" when its stacked heads' K/V energy
-concentrates in few directions. Per layer, this module stacks every KV head's vectors side
-by side into one [T, n_kv * head_dim] matrix X and reports the fraction of energy (sum of
-squared singular values of X, uncentred as the paper's PCA of the activations) that the
-best rank-r latent keeps, for r on a grid; and, per layer, the energy kept at half the GQA
-cache width and the ranks needed for 90% and 99%.
+TransMLA (Meng et al. 2025, "TransMLA: Multi-head Latent Attention Is All You Need") rewrites
+a GQA model as multi-head latent attention (MLA): the keys and values of all KV heads are
+compressed *jointly* into one latent per token, its basis taken from a principal-component
+analysis of the K/V activations, with up-projections that rebuild every head from it. At
+the GQA cache width the rewrite is exact (the paper's theorem: GQA is MLA with the same
+cache); below it, a layer is "MLA-ready" when its stacked heads' K/V energy concentrates in
+few directions. Per layer, this module stacks every KV head's vectors side by side and
+reports the fraction of energy (sum of squared singular values, uncentred as the paper's
+PCA of the activations) that the best rank-r latent keeps, for r on a grid:
 
-Keys are taken before RoPE where the trace has them (``key_pre_rope``), because the latent
-is formed before rotary position encoding is applied (MLA caches the latent without
-position and adds RoPE through a separate decoupled part); post-RoPE keys (``key``) are used
-otherwise, and the ``source`` column names which one a row was measured on;
-``keys="post_rope"`` measures the cached keys instead, to show what RoPE costs a latent (on
-post-RoPE keys the key curve is xKV's single-layer ``cross_layer.svd_energy``, group size 1).
+- ``key`` / ``value``: the keys (or values) alone, one [T, n_kv * head_dim] matrix;
+- ``joint``: keys and values side by side, one [T, 2 * n_kv * head_dim] matrix, the keys
+  first scaled so that their mean column norm equals the values' (the paper's balanced
+  key-value PCA; ``balance=False`` concatenates them as they are). Its rank n_kv * head_dim
+  is an MLA latent of half the GQA cache (the bytes of the GQA keys alone).
 
-Departures, on purpose: keys and values are measured separately (the paper's last version
-balances their norms and runs one PCA over both: compare the two tables' curves, not a joint
-one), and the paper's RoRoPE/FreqFold steps, which move positional information into a few
-key dimensions before the PCA, are not modelled: on pre-RoPE keys they do not apply.
+Per (kind, layer), ``latent_summary`` gives the energy kept at half the kind's width (for
+``joint``: rank n_kv * head_dim, half the GQA cache; for ``key``/``value``: a latent of half
+their width each, together also half the cache) and the ranks needed for 90% and 99%.
+
+Keys are taken before RoPE where the trace has them (``key_pre_rope``), because MLA caches
+its latent without position (RoPE cannot be absorbed into the up-projection; MLA adds it
+through a separate decoupled key part); post-RoPE keys (``key``) are used otherwise, and the
+``source`` column names which one a row was measured on. ``keys="post_rope"`` measures the
+cached keys instead, to show what RoPE costs a latent (on post-RoPE keys the key curve is
+xKV's single-layer ``cross_layer.svd_energy``, group size 1).
+
+Departures, on purpose: the paper's RoRoPE/FreqFold steps, which rotate positional
+information into one head's worth of key dimensions kept outside the latent (the decoupled
+RoPE part), are not modelled: the whole pre-RoPE key goes into the latent, so the figures
+are what a latent keeps of the K/V content, not of the positional part.
 """
 
 from __future__ import annotations
@@ -36,36 +45,52 @@ THRESHOLDS = (0.9, 0.99)
 KEY_SOURCES = ("auto", "post_rope")
 
 
-def _sources(trace: Trace, keys: str) -> list[tuple[str, str, int]]:
-    """(kind, tensor source, layer) for each layer and tensor kind the trace holds."""
+def _stacked(x: torch.Tensor) -> torch.Tensor:
+    """One layer's heads [Hkv, T, D] side by side: [T, Hkv*D], head h in columns h*D.."""
+    n_kv, n_tokens, head_dim = x.shape
+    return x.double().transpose(0, 1).reshape(n_tokens, n_kv * head_dim)
+
+
+def _balanced(keys: torch.Tensor, values: torch.Tensor, balance: bool) -> torch.Tensor:
+    """Keys and values side by side, the keys scaled to the values' mean column norm."""
+    if balance:
+        ratio = keys.norm(dim=0).mean() / values.norm(dim=0).mean().clamp_min(1e-300)
+        keys = keys / ratio.clamp_min(1e-300)
+    return torch.cat([keys, values], dim=1)
+
+
+def _matrices(trace: Trace, keys: str, balance: bool):
+    """(kind, source, layer, stacked matrix) for each layer and kind the trace holds."""
     if keys not in KEY_SOURCES:
         raise KvlensError(f"keys must be one of {KEY_SOURCES}, got {keys!r}")
-    found = []
+    found = False
     for layer in trace.layers:
-        if keys == "auto" and f"layers.{layer}.key_pre_rope" in trace.tensors:
-            found.append(("key", "key_pre_rope", layer))
-        elif f"layers.{layer}.key" in trace.tensors:
-            found.append(("key", "key", layer))
-        if f"layers.{layer}.value" in trace.tensors:
-            found.append(("value", "value", layer))
-    if not any(kind == "key" for kind, _, _ in found):
+        name = f"layers.{layer}."
+        if keys == "auto" and name + "key_pre_rope" in trace.tensors:
+            key_source = "key_pre_rope"
+        elif name + "key" in trace.tensors:
+            key_source = "key"
+        else:
+            key_source = None
+        k = None if key_source is None else _stacked(trace.tensors[name + key_source])
+        v = _stacked(trace.tensors[name + "value"]) if name + "value" in trace.tensors else None
+        if k is not None:
+            found = True
+            yield "key", key_source, layer, k
+        if v is not None:
+            yield "value", "value", layer, v
+        if k is not None and v is not None:
+            yield "joint", f"{key_source}+value", layer, _balanced(k, v, balance)
+    if not found:
         raise KvlensError("this trace has no key tensors; probe without --no-kv")
-    return found
 
 
-def _spectrum(x: torch.Tensor) -> torch.Tensor:
-    """Squared singular values, largest first, of one layer's heads stacked side by side."""
-    n_kv, n_tokens, head_dim = x.shape
-    stacked = x.double().transpose(0, 1).reshape(n_tokens, n_kv * head_dim)  # [T, Hkv*D]
-    s = torch.linalg.svdvals(stacked)
-    s2 = torch.zeros(n_kv * head_dim, dtype=torch.float64)
-    s2[: s.numel()] = s.square()  # fewer tokens than columns: the rest have no energy
-    return s2
-
-
-def _cumulative(trace: Trace, keys: str):
-    for kind, source, layer in _sources(trace, keys):
-        s2 = _spectrum(trace.tensors[f"layers.{layer}.{source}"])
+def _cumulative(trace: Trace, keys: str, balance: bool = True):
+    """(kind, source, layer, cumulative energy fraction at ranks 1..width)."""
+    for kind, source, layer, x in _matrices(trace, keys, balance):
+        s = torch.linalg.svdvals(x)
+        s2 = torch.zeros(x.shape[1], dtype=torch.float64)
+        s2[: s.numel()] = s.square()  # fewer tokens than columns: the rest have no energy
         yield kind, source, layer, s2.cumsum(0) / s2.sum().clamp_min(1e-300)
 
 
@@ -80,15 +105,19 @@ def _grid(width: int) -> list[int]:
 
 
 def latent_energy(
-    trace: Trace, ranks: tuple[int, ...] | None = None, keys: str = "auto"
+    trace: Trace,
+    ranks: tuple[int, ...] | None = None,
+    keys: str = "auto",
+    balance: bool = True,
 ) -> pl.DataFrame:
-    """Fraction of each layer's stacked K (or V) energy a joint rank-r latent keeps.
+    """Fraction of each layer's stacked K, V and joint K+V energy a rank-r latent keeps.
 
     One row per (kind, layer, rank); ``ranks`` defaults to powers of two, half and all of
-    n_kv * head_dim; a rank past the width keeps everything (1.0). ``keys="auto"`` takes
-    pre-RoPE keys where captured (the paper's latent), ``"post_rope"`` the cached ones."""
+    the kind's width; a rank past the width keeps everything (1.0). ``keys="auto"`` takes
+    pre-RoPE keys where captured (the paper's latent), ``"post_rope"`` the cached ones;
+    ``balance`` scales the keys to the values' norm in the joint latent (the paper's)."""
     rows = []
-    for kind, source, layer, cum in _cumulative(trace, keys):
+    for kind, source, layer, cum in _cumulative(trace, keys, balance):
         width = cum.numel()
         for r in ranks or _grid(width):
             if r < 1:
@@ -106,12 +135,12 @@ def latent_energy(
     return pl.DataFrame(rows)
 
 
-def latent_summary(trace: Trace, keys: str = "auto") -> pl.DataFrame:
-    """Per (kind, layer): energy kept at half the GQA cache width (n_kv * head_dim / 2), and
-    the smallest latent rank keeping 90% and 99% of the energy (``keys`` as in
-    ``latent_energy``)."""
+def latent_summary(trace: Trace, keys: str = "auto", balance: bool = True) -> pl.DataFrame:
+    """Per (kind, layer): energy kept at half the kind's width (a latent of half the GQA
+    cache: for ``joint``, rank n_kv * head_dim), and the smallest latent rank keeping 90% and
+    99% of the energy (``keys`` and ``balance`` as in ``latent_energy``)."""
     rows = []
-    for kind, source, layer, cum in _cumulative(trace, keys):
+    for kind, source, layer, cum in _cumulative(trace, keys, balance):
         width = cum.numel()
         row = {
             "kind": kind,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import polars as pl
 
-from analysis import cross_layer, head_types, heavy_hitters, outliers
+from analysis import cross_layer, head_types, heavy_hitters, latent, outliers
 from probes.trace import Trace
 
 
@@ -42,6 +42,8 @@ def analyze(
             ("similarity_value", lambda: cross_layer.pair_similarity(trace, "value")),
             ("cka_key", lambda: cross_layer.cka(trace, "key")),
             ("svd_energy_key", lambda: cross_layer.svd_energy(trace, "key")),
+            ("latent_energy", lambda: latent.latent_energy(trace)),
+            ("latent_readiness", lambda: latent.latent_summary(trace)),
         ]
     if retrieval is not None:
         jobs.append(("retrieval_heads", lambda: retrieval))
@@ -114,6 +116,17 @@ def summarize(trace: Trace, tables: dict[str, pl.DataFrame]) -> str:
             f"{r['layer_a']}-{r['layer_b']} {r['cosine']:.3f}" for r in top.iter_rows(named=True)
         )
         lines.append(f"most similar adjacent layers (key cosine): {items}")
+    if "latent_readiness" in tables:
+        ready = tables["latent_readiness"]
+        items = ", ".join(
+            f"{part['source'][0]} {part['energy_at_half'].mean():.3f} "
+            f"(rank for 99%: {part['rank_99'].min()}..{part['rank_99'].max()})"
+            for _, part in ready.group_by("kind", maintain_order=True)
+        )
+        lines.append(
+            f"joint latent of rank {ready['half_rank'][0]} of {ready['width'][0]} "
+            f"(TransMLA), mean energy kept: {items}"
+        )
     if "head_types" in tables and tables["head_types"].height:
         counts = tables["head_types"].group_by("type").len().sort("len", descending=True)
         lines.append(

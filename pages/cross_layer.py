@@ -54,23 +54,26 @@ def render() -> None:
         series = {
             "keys (pre-RoPE)" if pre else "keys (post-RoPE: none before RoPE here)": keys,
             "values": summary.filter(kind="value"),
+            "keys and values jointly (balanced)": summary.filter(kind="joint"),
         }
         if pre:
             post = state.table(
                 "latent_post_rope", lambda: latent.latent_summary(trace, keys="post_rope")
             )
             series["keys (post-RoPE, as cached)"] = post.filter(kind="key")
-    width = int(summary["width"][0])
+    width = int(summary.filter(kind="key")["width"][0])
     st.plotly_chart(
-        figures.latent_readiness(series, f"energy a joint latent of rank {width // 2} keeps"),
+        figures.latent_readiness(series, "energy a latent of half the GQA cache keeps"),
         key="cl_latent",
     )
     st.caption(
         "TransMLA (Meng et al. 2025) rewrites GQA as multi-head latent attention: all KV "
         "heads' keys (before RoPE) and values are compressed jointly into one latent per token. "
         f"Each point: the share of a layer's energy (squared singular values of its {width} "
-        "stacked columns) the best latent of half that width keeps. The post-RoPE key line is "
-        "xKV's single-layer SVD energy (Chang et al. 2025)."
+        "stacked key or value columns) the best latent of half that width keeps; the joint "
+        "line stacks keys (scaled to the values' mean column norm, as the paper's balanced "
+        f"PCA) and values, {2 * width} columns, at rank {width}: an MLA latent of half the "
+        "GQA cache. The post-RoPE key line is xKV's single-layer SVD energy (Chang et al. 2025)."
     )
     st.subheader("UMAP of key vectors")
     c1, c2 = st.columns(2)

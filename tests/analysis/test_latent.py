@@ -2,7 +2,8 @@
 
 The reference is written another way: the stacked matrix built column block by column block
 in numpy, its energy spectrum from the eigenvalues of X^T X (numpy.linalg.eigvalsh), where
-the module takes singular values of X in torch.
+the module takes singular values of X in torch; the joint latent's key/value balance from
+per-channel norms summed in a loop.
 """
 
 from __future__ import annotations
@@ -25,6 +26,19 @@ def _reference(x: torch.Tensor) -> np.ndarray:
     blocks = [x[h].double().numpy() for h in range(x.shape[0])]  # each [T, D]
     stacked = np.concatenate(blocks, axis=1)  # [T, Hkv*D], head h in columns h*D..(h+1)*D
     eig = np.sort(np.clip(np.linalg.eigvalsh(stacked.T @ stacked), 0, None))[::-1]
+    return np.cumsum(eig) / eig.sum()
+
+
+def _reference_joint(keys: torch.Tensor, values: torch.Tensor, balance: bool) -> np.ndarray:
+    """Cumulative energy of [K / ratio, V] (ratio: mean channel norm of K over V's)."""
+    k = np.concatenate([keys[h].double().numpy() for h in range(keys.shape[0])], axis=1)
+    v = np.concatenate([values[h].double().numpy() for h in range(values.shape[0])], axis=1)
+    if balance:
+        k_norm = sum(np.sqrt((k[:, c] ** 2).sum()) for c in range(k.shape[1])) / k.shape[1]
+        v_norm = sum(np.sqrt((v[:, c] ** 2).sum()) for c in range(v.shape[1])) / v.shape[1]
+        k = k * (v_norm / k_norm)
+    x = np.concatenate([k, v], axis=1)
+    eig = np.sort(np.clip(np.linalg.eigvalsh(x.T @ x), 0, None))[::-1]
     return np.cumsum(eig) / eig.sum()
 
 
@@ -90,9 +104,12 @@ def test_planted_shared_subspace_is_kept_whole_at_its_rank():
 def test_energy_is_non_decreasing_in_rank_and_reaches_one():
     tr = _trace(random_kv(2, N_KV, T, HEAD_DIM, seed=1))
     table = latent.latent_energy(tr)  # the default grid
-    for _, part in table.group_by("kind", "layer"):
+    grids = {"key": [1, 2, 4, 8, 12, 16, 24], "value": [1, 2, 4, 8, 12, 16, 24]}
+    grids["joint"] = [1, 2, 4, 8, 16, 24, 32, 48]
+    assert set(table["kind"]) == set(grids)
+    for (kind, _), part in table.group_by("kind", "layer"):
         part = part.sort("rank")
-        assert part["rank"].to_list() == [1, 2, 4, 8, 12, 16, 24]
+        assert part["rank"].to_list() == grids[kind]
         energy = part["energy"].to_numpy()
         assert (np.diff(energy) >= -1e-12).all()
         assert energy[-1] == pytest.approx(1.0, abs=1e-9)
@@ -129,3 +146,61 @@ def test_post_rope_setting_measures_the_cached_keys_as_xkv_single_layers():
     np.testing.assert_allclose(joined["energy"], joined["energy_right"], atol=1e-6)
     with pytest.raises(KvlensError, match="keys must be one of"):
         latent.latent_summary(tr, keys="pre")
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_joint_latent_matches_the_balanced_covariance_eigenvalues(balance):
+    kv = random_kv(2, N_KV, T, HEAD_DIM, seed=5)
+    for layer in (0, 1):  # keys ten times the values' scale, sharing a direction with them
+        kv[f"layers.{layer}.key_pre_rope"] = 10 * kv[f"layers.{layer}.key_pre_rope"]
+        kv[f"layers.{layer}.value"][0] += 0.5 * kv[f"layers.{layer}.key_pre_rope"][2]
+    tr = _trace(kv)
+    ranks = tuple(range(1, 2 * WIDTH + 1))
+    table = latent.latent_energy(tr, ranks, balance=balance).filter(kind="joint")
+    summary = latent.latent_summary(tr, balance=balance).filter(kind="joint")
+    for layer in (0, 1):
+        ref = _reference_joint(
+            kv[f"layers.{layer}.key_pre_rope"], kv[f"layers.{layer}.value"], balance
+        )
+        part = table.filter(layer=layer).sort("rank")
+        assert part["source"].unique().to_list() == ["key_pre_rope+value"]
+        np.testing.assert_allclose(part["energy"].to_numpy(), ref, atol=1e-9)
+        row = summary.filter(layer=layer).row(0, named=True)
+        assert row["width"] == 2 * WIDTH and row["half_rank"] == WIDTH  # n_kv * head_dim
+        assert row["energy_at_half"] == pytest.approx(ref[WIDTH - 1], abs=1e-9)
+        assert row["rank_99"] == int(np.argmax(ref >= 0.99)) + 1
+
+
+def test_balance_changes_the_joint_spectrum_when_keys_dominate():
+    kv = random_kv(1, N_KV, T, HEAD_DIM, seed=6)
+    kv["layers.0.key_pre_rope"] = 30 * kv["layers.0.key_pre_rope"]
+    tr = _trace(kv, n_layers=1)
+    plain = latent.latent_summary(tr, balance=False).filter(kind="joint")["energy_at_half"][0]
+    balanced = latent.latent_summary(tr).filter(kind="joint")["energy_at_half"][0]
+    # unbalanced, the keys' WIDTH directions hold nearly all the energy at rank WIDTH
+    assert plain > 0.99 and balanced < plain - 0.05
+
+
+def test_planted_shared_kv_latent_is_kept_whole_at_its_rank():
+    """Keys and values of every head read one latent z [T, rank] through one up-projection
+    (MLA's form): the joint latent keeps all the energy at that rank and not before."""
+    rank = 7
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(T, rank, generator=g, dtype=torch.float64)
+    up = torch.randn(rank, 2 * WIDTH, generator=g, dtype=torch.float64)
+    kv_rows = z @ up
+    tensors = {
+        "layers.0.key_pre_rope": kv_rows[:, :WIDTH].reshape(T, N_KV, HEAD_DIM).transpose(0, 1),
+        "layers.0.value": kv_rows[:, WIDTH:].reshape(T, N_KV, HEAD_DIM).transpose(0, 1),
+    }
+    tensors["layers.0.key"] = tensors["layers.0.key_pre_rope"]
+    tr = _trace(tensors, n_layers=1)
+    energy = (
+        latent.latent_energy(tr, tuple(range(1, 2 * WIDTH + 1)))
+        .filter(kind="joint")
+        .sort("rank")["energy"]
+        .to_numpy()
+    )
+    assert energy[rank - 1] == pytest.approx(1.0, abs=1e-9)
+    assert (energy[: rank - 1] < 1 - 1e-3).all()
+    assert (np.diff(energy) >= -1e-12).all()

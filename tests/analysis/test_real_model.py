@@ -33,6 +33,7 @@ def test_pipeline_runs_and_finds_the_model_s_known_traits(dump):
         "similarity_key",
         "cka_key",
         "svd_energy_key",
+        "latent_readiness",
         "head_types",
     } <= set(tables)
     # checked on SmolLM2: the first token is the strongest heavy hitter (an attention sink)
@@ -49,6 +50,12 @@ def test_pipeline_runs_and_finds_the_model_s_known_traits(dump):
         summary.filter(kind="key_pre_rope")["outliers"].sum()
         > summary.filter(kind="value")["outliers"].sum()
     )
+    # checked on SmolLM2: a joint latent of half the GQA width keeps more of the pre-RoPE
+    # keys' energy than of the values' in every layer (TransMLA: keys compress better)
+    ready = tables["latent_readiness"]
+    keys, values = ready.filter(kind="key").sort("layer"), ready.filter(kind="value").sort("layer")
+    assert keys["source"].unique().to_list() == ["key_pre_rope"]
+    assert (keys["energy_at_half"] > values["energy_at_half"]).all()
     assert set(tables["head_types"]["type"].unique()) <= {
         "retrieval",
         "sink",
