@@ -10,6 +10,7 @@ from methods.eviction.base import AVERAGES, SCHEDULES
 from methods.eviction.gemfilter import POSITIONS
 from methods.eviction.h2o import NORMALISATIONS
 from methods.eviction.kvcrush import ANCHORS
+from methods.eviction.kvzip import ALLOCATIONS, LEVELS, NORMALISE
 from methods.headaware.taskkv import SCOPES
 from probes.errors import KvlensError
 
@@ -22,7 +23,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "anchor": ANCHORS,
     "positions": POSITIONS,
     "scope": SCOPES,
+    "pool": ("max", "mean"),
     "allocate": ("adaptive", "uniform"),
+    "level": LEVELS,
+    "allocation": ALLOCATIONS,
+    "group_pool": ("norm", "square"),
 }
 
 HELP: dict[str, str] = {
@@ -68,6 +73,22 @@ HELP: dict[str, str] = {
     "layer": "the early layer whose last query picks the tokens; -1 = 40% of the depth",
     "positions": "renumber the kept tokens 0..k-1 (the paper) or keep their prompt positions",
     "scope": "rank heads within each layer, or across the whole model",
+    # Expected Attention, KVzip, ThinK
+    "future": "how many positions ahead the future queries' statistics are carried",
+    "covariance": "use the future queries' covariance as well as their mean",
+    "vnorm": "weight each key's expected attention by its value's norm",
+    "ratio": "share of the cache kept (of KV pairs, or of heads at level=head)",
+    "level": "rank single KV pairs (pair) or whole heads (head)",
+    "allocation": "keep the top ratio over all layers and heads (global), per layer or per head",
+    "group_pool": "how a KV head pools its query group's channel norms: norm or square (kvpress)",
+    # the sparse family (the whole cache kept; budget = tokens each KV head reads per step)
+    "page": "tokens per page; a step reads whole pages",
+    "pool": "how a KV group's query heads pool their scores: max or mean",
+    "dense_layers": "first layers that read every token (Quest leaves two dense)",
+    "clusters": "k-means clusters of the context's keys per KV head",
+    "iters": "k-means iterations",
+    "normalize": "cluster unit-normalised keys (cosine), as the paper's code does",
+    "local": "the prompt's last tokens, always read exactly",
     # 1.x-bit (VidKV), block floating point, COMET
     "key_bits": "average bits per key code (anomalous channels high, the rest low)",
     "value_bits": "average bits per value code (anomalous channels high, the rest low)",
@@ -83,6 +104,25 @@ HELP: dict[str, str] = {
     "heads_merged": "consecutive KV heads merged into one by PCA (the last group may be smaller)",
     "allocate": "ranks per head: uniform (all the same) or adaptive (shared out by energy)",
 }
+
+# where a parameter means something else in one method, that method's own help
+METHOD_HELP: dict[tuple[str, str], str] = {
+    ("cskv", "window"): "newest tokens kept at full precision beside the low-rank features",
+    ("kvzip", "normalise"): "softmax of the replay over the chunk and sinks (chunk) or the "
+    "whole context (full)",
+}
+METHOD_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {("kvzip", "normalise"): NORMALISE}
+
+
+def choices_for(method: str, param: str) -> tuple[str, ...] | None:
+    """The allowed values of one method's enumerated parameter, None if it is free."""
+    return METHOD_CHOICES.get((method, param), CHOICES.get(param))
+
+
+def help_for(method: str, param: str) -> str | None:
+    """The help text of one method's parameter: the method's own where it has one."""
+    return METHOD_HELP.get((method, param), HELP.get(param))
+
 
 # parameters counted in prompt tokens
 TOKEN_COUNTS = ("budget", "window", "sinks", "recent", "residual", "history")

@@ -265,6 +265,13 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=9)
     ap.add_argument("--out", help="also write the table as JSON here")
+    ap.add_argument("--only", default="", help="only these methods (labels, comma-separated)")
+    ap.add_argument(
+        "--per-prompt",
+        action="store_true",
+        help="also print, per method and prompt, the overlap and the tokens each side keeps "
+        "per head in the first and last layer (PyramidKV: pyramid or uniform)",
+    )
     args = ap.parse_args()
     if args.side:
         run_side(args.side)
@@ -300,8 +307,16 @@ def main() -> None:
             qs = [tok(q, add_special_tokens=False)["input_ids"] for q in qa.questions]
             prompts.append({"context": ctx, "questions": qs, "answers": qa.answers,
                             "n_kept": int(len(ctx) * args.keep), "n_tokens": n, "seed": seed})  # fmt: skip
-    labels = [p[0] for p in pairs(1, streaming)]
-    job_presses = [p[1] for p in pairs(1, streaming)]
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    known = [p[0] for p in pairs(1, streaming)]
+    if only - set(known):
+        sys.exit(f"--only: unknown {sorted(only - set(known))}; known: {known}")
+
+    def chosen(n_kept: int) -> list[tuple[str, dict, str]]:
+        return [p for p in pairs(n_kept, streaming) if not only or p[0] in only]
+
+    labels = [p[0] for p in chosen(1)]
+    job_presses = [p[1] for p in chosen(1)]
 
     with tempfile.TemporaryDirectory() as tmp:
         job = {"model": str(folder), "prompts": prompts, "presses": job_presses,
@@ -315,7 +330,7 @@ def main() -> None:
         with torch.inference_mode():
             sanity = model(input_ids=torch.tensor([prompts[0]["context"]])).logits[0, -1]
             for pi, prompt in enumerate(prompts):
-                for si, (_, _, spec) in enumerate(pairs(prompt["n_kept"], streaming)):
+                for si, (_, _, spec) in enumerate(chosen(prompt["n_kept"])):
                     cache = compress_context(model, prompt["context"], spec)
                     kept = kvlens_kept(cache, spec.split(":")[0])
                     texts = []
@@ -343,6 +358,15 @@ def main() -> None:
             assert mine.shape == ref.shape, (label, mine.shape, ref.shape)
             inter = (mine & ref).sum(-1).float()
             overlaps.append((inter / ref.sum(-1).clamp_min(1).float()).flatten())
+            if args.per_prompt:
+                kept_ours, kept_theirs = mine.sum(-1), ref.sum(-1)  # [layers, H]
+                print(
+                    f"{label}, prompt {pi} ({len(prompt['context'])} tokens, B "
+                    f"{prompt['n_kept']}): overlap mean {overlaps[-1].mean():.3f} min "
+                    f"{overlaps[-1].min():.3f}; kept per head, first / last layer: kvlens "
+                    f"{kept_ours[0].tolist()} / {kept_ours[-1].tolist()}, kvpress "
+                    f"{kept_theirs[0].tolist()} / {kept_theirs[-1].tolist()}"
+                )
             for qi, gold in enumerate(prompt["answers"]):
                 a, b = texts[qi], their_answers[f"{pi}.{si}"][qi]
                 ok_ours += gold in a
@@ -351,7 +375,7 @@ def main() -> None:
                 n_q += 1
         ov = torch.cat(overlaps)
         chance = sum(p["n_kept"] / len(p["context"]) for p in prompts) / len(prompts)
-        rows.append({"method": label, "spec": pairs(0, streaming)[si][2].replace("budget=0", "budget=B"),
+        rows.append({"method": label, "spec": chosen(0)[si][2].replace("budget=0", "budget=B"),
                      "mean": ov.mean().item(), "min": ov.min().item(), "kvlens": ok_ours,
                      "kvpress": ok_theirs, "same_text": agree, "n": n_q, "chance": chance})  # fmt: skip
     lengths = sorted({len(p["context"]) for p in prompts})
@@ -367,7 +391,7 @@ def main() -> None:
             f"| {r['method']} | `{r['spec']}` | {r['mean']:.3f} | {r['min']:.3f} | "
             f"{r['kvlens']}/{r['n']} | {r['kvpress']}/{r['n']} | {r['same_text']}/{r['n']} |"
         )
-    print(f"\nrandom vs random is the overlap expected by chance: about {rows[-1]['chance']:.2f}")
+    print(f"\nrandom vs random is the overlap expected by chance: about {rows[0]['chance']:.2f}")
     if args.out:
         Path(args.out).write_text(
             json.dumps({"sanity_max_logit_diff": diff, "rows": rows}, indent=1)

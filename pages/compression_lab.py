@@ -46,11 +46,11 @@ def _method_widgets(name: str, index: int) -> tuple[str, dict]:
     cols = st.columns(max(1, len(fields)))
     for col, f in zip(cols, fields):
         key = f"lab_{index}_{name}_{f.name}"
-        tip = lab_params.HELP.get(f.name)
+        tip = lab_params.help_for(name, f.name)
         if isinstance(f.default, bool):
             value = col.checkbox(f.name, f.default, key=key, help=tip)
-        elif f.name in lab_params.CHOICES:
-            options = list(lab_params.CHOICES[f.name])
+        elif lab_params.choices_for(name, f.name):
+            options = list(lab_params.choices_for(name, f.name))
             index_ = options.index(f.default) if f.default in options else 0
             value = col.selectbox(f.name, options, index=index_, key=key, help=tip)
         elif isinstance(f.default, int):
