@@ -142,9 +142,12 @@ def test_every_page_read_on_cuda_is_the_full_cache(llama, tokens, spec):
     torch.testing.assert_close(got, want.float(), atol=5e-2, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "spec", ["quest:budget=128", "random_pages:budget=128", "oracle:budget=100"]
-)
+# Not the oracle: its per-token top-k over this random model's near-flat attention flips on
+# 16-bit rounding from the second layer on (H200, 2026-12-04: 40/46 head-steps agree in layer
+# 1, 30/46 in layer 2, logits 0.06 apart), so the two paths read different rows by design;
+# its reads of every row equal the full cache above, and the kernel itself is checked
+# against its reference on given selections (test_page_decode_matches_reference).
+@pytest.mark.parametrize("spec", ["quest:budget=128", "random_pages:budget=128"])
 def test_the_triton_path_equals_the_reference_path(llama, tokens, spec, monkeypatch):
     import kvlens_kernels.page_decode as page_decode
 
