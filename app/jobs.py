@@ -76,3 +76,69 @@ def head_profile(
     task = make_task("niah", max(lengths), tokenizer, depth=0.5, seed=seed + 1)
     trace = capture(model, tokenizer, task.prompt, attention="stats", kv=False)
     return build_profile(trace, scores)
+
+
+def sparse_result(
+    model, tokenizer, prompt: list[int], specs: list[str], *, max_new_tokens: int,
+    score=None, progress: Callable[[str], None] | None = None,
+) -> dict:  # fmt: skip
+    """Sparse methods on a prompt against the full cache (``methods.sparse.run``) turned into
+    what the Sparse attention page and the report show: the recall table and curve, a summary
+    per run, the positions each run read, the full cache's bytes and text."""
+    from analysis.sparse_recall import recall_curve
+    from methods.sparse.run import sparse_compare
+
+    runs = sparse_compare(
+        model, tokenizer, prompt, specs, max_new_tokens=max_new_tokens, score=score,
+        progress=progress,
+    )  # fmt: skip
+    table = pl.concat([r.recall for r in runs])
+    return {
+        "table": table,
+        "curve": recall_curve(table),
+        "runs": [r.summary() for r in runs],
+        "reads": {r.spec: r.reads for r in runs},
+        "full_bytes": runs[0].full_bytes,
+        "full_text": runs[0].full_text,
+    }
+
+
+def reuse_result(
+    model, tokenizer, settings: dict, specs: list[str], *, max_new_tokens: int,
+    progress: Callable[[str], None] | None = None,
+) -> dict:  # fmt: skip
+    """Chunk-reuse methods on a generated RAG prompt (``settings``: kind, chunks,
+    chunk_tokens, seed) against the full prefill, with each run's K/V and attention deviation
+    per layer and position: what the Chunk reuse page and the report show."""
+    from analysis.chunk_reuse import attention_deviation, kv_deviation, layer_summary
+    from methods.reuse.run import reuse_compare, task_layout
+    from probes.rag_tasks import make_rag_task
+
+    task = make_rag_task(
+        settings["kind"], tokenizer, n_chunks=settings["chunks"],
+        chunk_tokens=settings["chunk_tokens"], seed=settings["seed"],
+    )  # fmt: skip
+    layout = task_layout(task, tokenizer)
+    run = reuse_compare(
+        model, tokenizer, layout, specs, max_new_tokens=max_new_tokens, score=task.score,
+        keep_tensors=True, progress=progress,
+    )  # fmt: skip
+    segments = layout.segments()
+    full = run.tensors["full"]
+    kv, attn = {}, {}
+    for spec, t in run.tensors.items():
+        if spec == "full":
+            continue
+        kv[spec] = kv_deviation(full["keys"], full["values"], t["keys"], t["values"], segments)
+        attn[spec] = attention_deviation(full["rows"], t["rows"], segments)
+    return {
+        "settings": settings,
+        "results": run.to_json()["results"],
+        "kv": kv,
+        "summary": {s: layer_summary(kv[s], attn[s]) for s in kv},
+        "tokens": [tokenizer.decode([i]) for i in layout.ids],
+        "segments": segments,
+        "starts": layout.starts,
+        "answer": task.answers[0],
+        "answer_chunks": task.answer_chunks,
+    }

@@ -82,8 +82,11 @@ def build_report(
     comparison: dict | None = None,
     retrieval: pl.DataFrame | None = None,
     sweep: pl.DataFrame | None = None,
+    sparse: dict | None = None,
+    reuse: dict | None = None,
 ) -> str:
-    """The report as one HTML string."""
+    """The report as one HTML string; ``sparse`` and ``reuse`` are the Sparse attention and
+    Chunk reuse pages' last results (their jobs' dicts), shown when given."""
     tables = analyze(trace, retrieval)
     parts: list[str] = []
     m = trace.model
@@ -222,9 +225,76 @@ def build_report(
                 )
             )
         parts.append(_table(board, 200))
+    if sparse:
+        parts += _sparse_section(sparse)
+    if reuse:
+        parts += _reuse_section(reuse)
     body = "\n".join(parts)
     return (
         '<!DOCTYPE html><html><head><meta charset="utf-8"><title>kvlens report</title>'
         f'<style>{STYLE}</style><script type="text/javascript">{get_plotlyjs()}</script></head>'
         f"<body>{body}</body></html>"
     )
+
+
+def _sparse_section(result: dict) -> list[str]:
+    """Sparse attention: recall against tokens read, the runs, per-head recall, hard heads."""
+    from analysis.sparse_recall import hard_heads, head_recall
+    from app import sparse_figures
+
+    columns = ["spec", "tokens_read", "recall", "oracle_recall", "output_error", "kl_mean"]
+    columns += ["top1", "accuracy", "bytes_device", "bytes_host", "bytes_read_per_step"]
+    out = ["<h2>Sparse attention</h2>"]
+    out.append(
+        _figure(
+            sparse_figures.recall_vs_read(result["curve"], "attention recall against tokens read"),
+            "sparse_curve",
+        )
+    )
+    out.append(_table([{k: r.get(k) for k in columns} for r in result["runs"]]))
+    out.append(
+        f"<p>recall: the share of the full attention mass a method's selection holds (mean over "
+        f"layers, heads, steps); oracle_recall: each head's own top tokens at the same read. "
+        f"Bytes as a 16-bit server holds them; the full cache holds {result['full_bytes']:,} "
+        f"and reads all of it at every step.</p>"
+    )
+    for spec in result["reads"]:
+        heads = head_recall(result["table"].filter(method=spec), spec)
+        out.append(
+            _figure(
+                figures.layer_head_heatmap(heads, "recall", f"{spec}: mean recall per head"),
+                "sparse_heads",
+            )
+        )
+    out.append("<h3>Hard heads (recall below 0.5 under every run)</h3>")
+    out.append(_table(hard_heads(result["table"], 0.5), 100))
+    return out
+
+
+def _reuse_section(result: dict) -> list[str]:
+    """Chunk reuse: quality against the recomputed share, the runs, deviation per layer."""
+    from app import reuse_figures
+
+    s = result["settings"]
+    out = ["<h2>Chunk reuse</h2>"]
+    out.append(
+        f"<p>{html.escape(str(s['kind']))}: {s['chunks']} chunks of about {s['chunk_tokens']} "
+        f"tokens, seed {s['seed']}; answer {html.escape(str(result['answer']))}.</p>"
+    )
+    results = result["results"]
+    out.append(
+        _figure(
+            reuse_figures.quality_curve(results, "kl_mean", "KL against the recomputed share"),
+            "reuse_curve",
+        )
+    )
+    columns = ["spec", "accuracy", "kl_mean", "top1", "recomputed", "flops_saved", "text"]
+    out.append(_table([{k: r.get(k) for k in columns} for r in results]))
+    for spec, summary in result["summary"].items():
+        out.append(
+            _figure(
+                reuse_figures.layer_deviation(summary, f"{spec}: deviation per layer"),
+                "reuse_layers",
+            )
+        )
+    return out

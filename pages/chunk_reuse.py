@@ -25,47 +25,20 @@ def _specs(names: list[str], fractions: list[float]) -> list[str]:
 
 
 def _run(settings: dict, specs: list[str], max_new: int) -> None:
-    from analysis.chunk_reuse import attention_deviation, kv_deviation, layer_summary
-    from methods.reuse.run import reuse_compare, task_layout
-    from probes.rag_tasks import make_rag_task
+    from app.jobs import reuse_result
 
     model, tokenizer = state.model(st.session_state.get("model_name", "smollm2-135m"))
 
     def work(job):
-        task = make_rag_task(
-            settings["kind"], tokenizer, n_chunks=settings["chunks"],
-            chunk_tokens=settings["chunk_tokens"], seed=settings["seed"],
-        )  # fmt: skip
-        layout = task_layout(task, tokenizer)
         done = {"n": 0}
 
         def progress(spec: str) -> None:
             done["n"] += 1
             job.say(f"running {spec} ({done['n']} of {len(specs)})")
 
-        run = reuse_compare(
-            model, tokenizer, layout, specs, max_new_tokens=max_new, score=task.score,
-            keep_tensors=True, progress=progress,
-        )  # fmt: skip
-        segments = layout.segments()
-        full = run.tensors["full"]
-        kv, attn = {}, {}
-        for spec, t in run.tensors.items():
-            if spec == "full":
-                continue
-            kv[spec] = kv_deviation(full["keys"], full["values"], t["keys"], t["values"], segments)
-            attn[spec] = attention_deviation(full["rows"], t["rows"], segments)
-        return {
-            "settings": settings,
-            "results": run.to_json()["results"],
-            "kv": kv,
-            "summary": {s: layer_summary(kv[s], attn[s]) for s in kv},
-            "tokens": [tokenizer.decode([i]) for i in layout.ids],
-            "segments": segments,
-            "starts": layout.starts,
-            "answer": task.answers[0],
-            "answer_chunks": task.answer_chunks,
-        }
+        return reuse_result(
+            model, tokenizer, settings, specs, max_new_tokens=max_new, progress=progress
+        )
 
     # layer calls: per run a prefill or two and two decodes of max_new tokens; the anchors
     calls = (len(specs) * (2 + 2 * max_new) + 4) * model.config.get_text_config().num_hidden_layers

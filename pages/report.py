@@ -12,7 +12,8 @@ def render() -> None:
     trace = state.require_trace()
     st.write(
         "One self-contained HTML file: prompt, model facts, every analysis figure and table, "
-        "the retrieval heads if detected, and the last comparison. It opens offline."
+        "the retrieval heads if detected, the last comparison, sparse attention run and chunk "
+        "reuse run. It opens offline."
     )
     if st.button(
         "Build report",
@@ -30,7 +31,13 @@ def render() -> None:
                 )
                 state.put(
                     "report_html",
-                    build_report(trace, state.result("comparison"), retrieval=retrieval),
+                    build_report(
+                        trace,
+                        state.result("comparison"),
+                        retrieval=retrieval,
+                        sparse=state.result("sparse"),
+                        reuse=state.result("reuse"),
+                    ),
                 )
 
         state.guarded(build)

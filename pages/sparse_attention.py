@@ -13,8 +13,7 @@ DEFAULTS = ["oracle", "quest", "squeezed", "random_pages"]
 
 
 def _run(trace, names: list[str], budgets: list[int], max_new: int) -> None:
-    from analysis.sparse_recall import recall_curve
-    from methods.sparse.run import sparse_compare
+    from app.jobs import sparse_result
 
     model, tokenizer = state.model(st.session_state.get("model_name", "smollm2-135m"))
     prompt = trace.token_ids[: trace.n_prompt_tokens]
@@ -28,19 +27,10 @@ def _run(trace, names: list[str], budgets: list[int], max_new: int) -> None:
             done["n"] += 1
             job.say(f"running {spec} ({done['n']} of {len(specs) + 1})")
 
-        runs = sparse_compare(
+        return sparse_result(
             model, tokenizer, prompt, specs, max_new_tokens=max_new,
             score=task.score if task else None, progress=progress,
         )  # fmt: skip
-        table = pl.concat([r.recall for r in runs])
-        return {
-            "table": table,
-            "curve": recall_curve(table),
-            "runs": [r.summary() for r in runs],
-            "reads": {r.spec: r.reads for r in runs},
-            "full_bytes": runs[0].full_bytes,
-            "full_text": runs[0].full_text,
-        }
 
     calls = (len(specs) * 2 + 1) * max_new * trace.model.n_layers
     background.start("sparse", work, model, calls)
