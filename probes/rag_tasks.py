@@ -55,8 +55,11 @@ def _chunk_text(rng: random.Random, n_tokens: int, count, fact: str, depth: floa
     sentences: list[str] = []
     while count(" ".join(sentences + [fact])) < n_tokens:
         sentences.append(_filler(rng))
-    if len(sentences) > 1:
-        sentences.pop()
+    if len(sentences) > 1:  # the last sentence stays only if it brings the chunk closer
+        over = count(" ".join(sentences + [fact])) - n_tokens
+        under = n_tokens - count(" ".join(sentences[:-1] + [fact]))
+        if under < over:
+            sentences.pop()
     sentences.insert(round(depth * len(sentences)), fact)
     return " ".join(sentences) + "\n\n"
 
