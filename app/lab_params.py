@@ -103,6 +103,10 @@ HELP: dict[str, str] = {
     # channel / head compression (CSKV, KV-head PCA, MatryoshkaKV)
     "heads_merged": "consecutive KV heads merged into one by PCA (the last group may be smaller)",
     "allocate": "ranks per head: uniform (all the same) or adaptive (shared out by energy)",
+    # ActQKV, A^2ATS (sparse family)
+    "windowed": "score far keys at one fixed RoPE distance (windowed RoPE) instead of their own",
+    "query_aware": "k-means under the prompt queries' metric (query-aware VQ), not plain distance",
+    "calib": "the prompt's last queries that estimate the query metric of the codebook",
 }
 
 # where a parameter means something else in one method, that method's own help
@@ -110,6 +114,8 @@ METHOD_HELP: dict[tuple[str, str], str] = {
     ("cskv", "window"): "newest tokens kept at full precision beside the low-rank features",
     ("kvzip", "normalise"): "softmax of the replay over the chunk and sinks (chunk) or the "
     "whole context (full)",
+    ("actqkv", "window"): "recent queries (the current one included) the probe query is built from",
+    ("actqkv", "local"): "newest tokens always read (counted in the budget)",
 }
 METHOD_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {("kvzip", "normalise"): NORMALISE}
 

@@ -1,4 +1,11 @@
 """The sparse-attention / KV-retrieval family: the whole cache is kept, each decoding step
 reads a selected part. Each module registers one method."""
 
-from methods.sparse import oracle, quest, random_pages, shadowkv, squeezed  # noqa: F401
+from methods.sparse import (  # noqa: F401
+    actqkv,
+    oracle,
+    quest,
+    random_pages,
+    shadowkv,
+    squeezed,
+)
