@@ -15,7 +15,9 @@ read.
 Departures: the permutation is chosen per layer and KV head from the prompt itself, not at
 compile time from calibration data; values are rearranged the same way as keys (the paper
 targets the K-cache). ``rearrange=false`` gives plain BFP for comparison. Later tokens stay
-in full precision.
+in full precision. Measured on SmolLM2 (``kvlens compare --task niah --length 512``, 12 tokens):
+the rearrangement pays at 3-bit mantissas (KL mean 0.12 and the needle found, against 0.16 and
+missed unsorted) but not at 4 (0.030 against 0.016; both find it).
 
 The packed-code kernels hold 2, 4 and 8-bit uniform codes with fp16 scales only, so this
 method runs through the exact reference path: its Encoding rebuilds dequantised K/V for
