@@ -2,6 +2,7 @@
 reads a selected part. Each module registers one method."""
 
 from methods.sparse import (  # noqa: F401
+    a2ats,
     actqkv,
     oracle,
     quest,
