@@ -269,10 +269,12 @@ def evaluate(
     method: PrefillMethod,
     probs: torch.Tensor | None = None,
     full: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
+    return_output: bool = False,
+) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per query head [Hq]: density, recall (mean over queries), min_recall and output_error
     of ``method`` on one layer. ``probs`` / ``full`` (the exact causal probabilities and
-    output) may be passed in to share them across methods."""
+    output) may be passed in to share them across methods; ``return_output`` also returns the
+    method's attention output [Hq, T, D]."""
     if probs is None:
         probs = causal_probs(q, k, scale)
     if full is None:
@@ -298,12 +300,13 @@ def evaluate(
     else:
         raise KvlensError(f"unknown prefill method {method!r}")
     kept = (probs * mask).sum(-1)  # [H, T] mass per query
-    return {
+    got = {
         "density": density,
         "recall": kept.mean(-1),
         "min_recall": kept.min(-1).values,
         "output_error": _rel_error(out, full),
     }
+    return (got, out) if return_output else got
 
 
 SCHEMA = {
