@@ -107,6 +107,7 @@ HELP: dict[str, str] = {
     "windowed": "score far keys at one fixed RoPE distance (windowed RoPE) instead of their own",
     "query_aware": "k-means under the prompt queries' metric (query-aware VQ), not plain distance",
     "calib": "the prompt's last queries that estimate the query metric of the codebook",
+    "segment": "generated tokens per retrieval unit (consecutive, summarised by their mean key)",
 }
 
 # where a parameter means something else in one method, that method's own help
@@ -116,6 +117,8 @@ METHOD_HELP: dict[tuple[str, str], str] = {
     "whole context (full)",
     ("actqkv", "window"): "recent queries (the current one included) the probe query is built from",
     ("actqkv", "local"): "newest tokens always read (counted in the budget)",
+    ("louiskv", "threshold"): "query similarity to the last retrieval's below which it retrieves",
+    ("louiskv", "local"): "newest tokens always read",
 }
 METHOD_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {("kvzip", "normalise"): NORMALISE}
 

@@ -4,6 +4,7 @@ reads a selected part. Each module registers one method."""
 from methods.sparse import (  # noqa: F401
     a2ats,
     actqkv,
+    louiskv,
     oracle,
     quest,
     random_pages,
