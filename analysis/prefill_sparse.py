@@ -92,6 +92,38 @@ class PSA:
 
 
 PrefillMethod = XAttention | VerticalSlash | PSA
+METHODS = {"xattention": XAttention, "vertical_slash": VerticalSlash, "psa": PSA}
+
+
+def parse_spec(spec: str) -> PrefillMethod:
+    """``xattention:block=64,stride=8,threshold=0.9``, ``vertical_slash:last_q=64,vertical=64,
+    slash=64`` or ``psa:block=64,thresholds=0.7/0.8/0.9/0.95``; omitted parameters default."""
+    name, _, rest = spec.strip().partition(":")
+    if name not in METHODS:
+        raise KvlensError(f"prefill method must be one of {', '.join(METHODS)}, not '{name}'")
+    cls = METHODS[name]
+    fields = {f for f in cls.__dataclass_fields__ if f != "name"}
+    kwargs: dict = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or key not in fields:
+            raise KvlensError(
+                f"{name}: '{part}' is not one of its parameters ({', '.join(sorted(fields))}=...)"
+            )
+        try:
+            if key == "thresholds":
+                kwargs[key] = tuple(float(x) for x in value.split("/"))
+            elif key in ("threshold",):
+                kwargs[key] = float(value)
+            else:
+                kwargs[key] = int(value)
+        except ValueError:
+            raise KvlensError(f"{name}: {key}={value!r} is not a number") from None
+    method = cls(**kwargs)
+    for key in ("block", "stride", "last_q", "vertical", "slash"):
+        if getattr(method, key, 1) < 1:
+            raise KvlensError(f"{name}: {key} must be >= 1")
+    return method
 
 
 def _expand_kv(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:

@@ -711,6 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
     from app.sparse_cli import add_sparse_parser
 
     add_sparse_parser(sub)
+    from app.prefill_sparse_cli import add_prefill_sparse_parser
+
+    add_prefill_sparse_parser(sub)
     from app.reuse_cli import add_reuse_parser
 
     add_reuse_parser(sub)
