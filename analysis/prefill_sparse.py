@@ -13,11 +13,15 @@ gathers them). Per query head:
   (i + j) mod stride == stride - 1: the lower-left-to-upper-right lines of each
   stride x stride sub-tile). Per query block the scores are normalised to sum to 1 and the
   blocks are taken in descending order until their cumulative score reaches ``threshold``
-  (the block that crosses it included). Departures: the scores are summed over the exact
-  softmax probabilities of each row (the bench has them), where the paper's kernel scores
-  the strided antidiagonal logits cheaply and softmaxes the reduced matrix, so this measures
-  the antidiagonal proxy's selection, not its cost; the diagonal block is always kept (every
-  query sees itself), and ``threshold >= 1`` keeps every causal block.
+  (the block that crosses it included). ``scoring="probs"`` (default) sums the antidiagonal
+  entries of the exact softmax probabilities of each row (the bench has them): it measures
+  the antidiagonal proxy's selection, not its cost. ``scoring="strided"`` is the paper's
+  cheap estimate: queries and keys regrouped by the stride so one dot product sums a tile's
+  antidiagonal logits, the reduced matrix (divided by the stride) softmaxed per reduced row
+  under a causal mask and summed per block. ``keep_sink`` always keeps the first key block
+  (attention sinks), as block-sparse implementations commonly do. Departures: the diagonal
+  block is always kept (every query sees itself), and ``threshold >= 1`` keeps every causal
+  block.
 - **Vertical-slash** (MInference, Jiang et al. 2024): the last ``last_q`` queries' exact
   attention is summed per key column (vertical score) and per diagonal offset i - j (slash
   score); the top ``vertical`` columns and top ``slash`` offsets are kept for every query of
@@ -31,10 +35,10 @@ gathers them). Per query head:
   antidiagonal score (above); blocks are ranked per query block and the cumulative score
   cuts at ``thresholds`` (t_0 <= t_1 <= ...) assign level 0 (full resolution) to the blocks
   up to t_0, level 1 up to t_1, and so on, the rest dropped; the diagonal block is always
-  level 0 with the causal mask inside it. A pooled key of m tokens carries a logit bias
-  log(m), so it stands for the m keys it replaces (our choice; the abstract does not say how
-  pooled logits are weighted). PSA's own importance estimator and kernel tiling are not
-  reproduced.
+  level 0 with the causal mask inside it (``keep_sink``: the first key block too). A pooled
+  key of m tokens carries a logit bias log(m), so it stands for the m keys it replaces (our
+  choice; the abstract does not say how pooled logits are weighted). PSA's own importance
+  estimator and kernel tiling are not reproduced.
 
 Measured per (method, layer, head) by ``layer_table``: ``density``, the share of the causal
 entries computed (a pooled level-l block counts 1 / 2**l of its entries); ``recall``, the mean
@@ -62,10 +66,16 @@ class XAttention:
     block: int = 64
     stride: int = 8
     threshold: float = 0.9
+    scoring: str = "probs"
+    keep_sink: bool = False
     name: str = field(default="xattention", init=False)
 
     def label(self) -> str:
-        return f"xattention:block={self.block},stride={self.stride},threshold={self.threshold}"
+        tail = "" if self.scoring == "probs" else f",scoring={self.scoring}"
+        tail += ",keep_sink=1" if self.keep_sink else ""
+        return (
+            f"xattention:block={self.block},stride={self.stride},threshold={self.threshold}{tail}"
+        )
 
 
 @dataclass(frozen=True)
@@ -84,11 +94,15 @@ class PSA:
     block: int = 64
     stride: int = 8
     thresholds: tuple[float, ...] = (0.7, 0.8, 0.9, 0.95)
+    scoring: str = "probs"
+    keep_sink: bool = False
     name: str = field(default="psa", init=False)
 
     def label(self) -> str:
         cuts = "/".join(str(t) for t in self.thresholds)
-        return f"psa:block={self.block},stride={self.stride},thresholds={cuts}"
+        tail = "" if self.scoring == "probs" else f",scoring={self.scoring}"
+        tail += ",keep_sink=1" if self.keep_sink else ""
+        return f"psa:block={self.block},stride={self.stride},thresholds={cuts}{tail}"
 
 
 PrefillMethod = XAttention | VerticalSlash | PSA
@@ -113,8 +127,14 @@ def parse_spec(spec: str) -> PrefillMethod:
         try:
             if key == "thresholds":
                 kwargs[key] = tuple(float(x) for x in value.split("/"))
-            elif key in ("threshold",):
+            elif key == "threshold":
                 kwargs[key] = float(value)
+            elif key == "keep_sink":
+                kwargs[key] = bool(int(value))
+            elif key == "scoring":
+                if value not in ("probs", "strided"):
+                    raise KvlensError(f"{name}: scoring must be probs or strided, not {value!r}")
+                kwargs[key] = value
             else:
                 kwargs[key] = int(value)
         except ValueError:
@@ -156,7 +176,9 @@ def antidiagonal_scores(probs: torch.Tensor, block: int, stride: int) -> torch.T
     return padded.reshape(h, nb, block, nb, block).sum(dim=(2, 4))
 
 
-def _cumulative_levels(scores: torch.Tensor, cuts: tuple[float, ...]) -> torch.Tensor:
+def _cumulative_levels(
+    scores: torch.Tensor, cuts: tuple[float, ...], keep_sink: bool = False
+) -> torch.Tensor:
     """Levels [H, nB, nB] from block scores: per query block, blocks ranked by normalised score;
     a block whose preceding cumulative score is below cuts[l] (and not below cuts[l-1]) gets
     level l; past the last cut DROPPED. Non-causal blocks are DROPPED, the diagonal level 0."""
@@ -175,16 +197,69 @@ def _cumulative_levels(scores: torch.Tensor, cuts: tuple[float, ...]) -> torch.T
     levels = levels.masked_fill(~causal, DROPPED)
     diag = torch.arange(nb, device=scores.device)
     levels[:, diag, diag] = 0
+    if keep_sink:
+        levels[:, :, 0] = 0
     return levels
 
 
-def xattention_blocks(probs: torch.Tensor, cfg: XAttention) -> torch.Tensor:
-    """XAttention's kept blocks [H, nB, nB] (bool) from the exact causal probabilities."""
-    scores = antidiagonal_scores(probs, cfg.block, cfg.stride)
-    return _cumulative_levels(scores, (cfg.threshold,)) == 0
+def strided_scores(
+    q: torch.Tensor, k: torch.Tensor, scale: float, block: int, stride: int
+) -> torch.Tensor:
+    """XAttention's cheap estimate [H, nB, nB] (the paper's kernel): queries and keys regrouped
+    by ``stride`` so that one dot product of a reduced row a and column b is the sum of the
+    logits on the antidiagonal of the stride x stride tile (rows stride*a + stride-1-r, keys
+    stride*b + r); the reduced logits, divided by ``stride``, are softmaxed per reduced row under
+    a causal mask (b <= a) and summed per block."""
+    if block % stride:
+        raise KvlensError(f"block ({block}) must be a multiple of stride ({stride})")
+    k = _expand_kv(q, k)
+    h, t, d = q.shape
+    nb = math.ceil(t / block)
+    n = nb * block
+    qp = torch.cat([q, q.new_zeros(h, n - t, d)], dim=1).reshape(h, n // stride, stride, d)
+    kp = torch.cat([k, k.new_zeros(h, n - t, d)], dim=1).reshape(h, n // stride, stride, d)
+    rq = qp.flip(2).reshape(h, n // stride, stride * d)  # row r of a tile: query stride-1-r
+    rk = kp.reshape(h, n // stride, stride * d)
+    logits = rq @ rk.transpose(-1, -2) * scale / stride
+    m = n // stride
+    real = torch.arange(m, device=q.device) * stride < t  # reduced groups holding a token
+    causal = torch.ones(m, m, dtype=torch.bool, device=q.device).tril() & real[None, :]
+    p = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1) * real[None, :, None]
+    r = block // stride
+    return p.reshape(h, nb, r, nb, r).sum(dim=(2, 4))
 
 
-def psa_levels(probs: torch.Tensor, cfg: PSA) -> torch.Tensor:
+def _block_scores(probs, cfg, q=None, k=None, scale=None) -> torch.Tensor:
+    if cfg.scoring == "probs":
+        return antidiagonal_scores(probs, cfg.block, cfg.stride)
+    if cfg.scoring == "strided":
+        if q is None or k is None or scale is None:
+            raise KvlensError("strided scoring needs the queries, keys and scale")
+        return strided_scores(q, k, scale, cfg.block, cfg.stride)
+    raise KvlensError(f"scoring must be 'probs' or 'strided', not {cfg.scoring!r}")
+
+
+def xattention_blocks(
+    probs: torch.Tensor,
+    cfg: XAttention,
+    q: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """XAttention's kept blocks [H, nB, nB] (bool): block scores from the exact causal
+    probabilities (``scoring="probs"``) or the paper's strided estimate (``"strided"``, needs
+    ``q``, ``k``, ``scale``), then the cumulative threshold per query block."""
+    scores = _block_scores(probs, cfg, q, k, scale)
+    return _cumulative_levels(scores, (cfg.threshold,), cfg.keep_sink) == 0
+
+
+def psa_levels(
+    probs: torch.Tensor,
+    cfg: PSA,
+    q: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
     """PSA's pooling level per (query block, key block) [H, nB, nB]; DROPPED where pruned."""
     cuts = tuple(cfg.thresholds)
     if not cuts or any(b < a for a, b in zip(cuts, cuts[1:])):
@@ -193,8 +268,8 @@ def psa_levels(probs: torch.Tensor, cfg: PSA) -> torch.Tensor:
         raise KvlensError(
             f"PSA block ({cfg.block}) must be a multiple of 2**{len(cuts) - 1} for its levels"
         )
-    scores = antidiagonal_scores(probs, cfg.block, cfg.stride)
-    return _cumulative_levels(scores, cuts)
+    scores = _block_scores(probs, cfg, q, k, scale)
+    return _cumulative_levels(scores, cuts, cfg.keep_sink)
 
 
 def blocks_to_mask(blocks: torch.Tensor, t: int, block: int) -> torch.Tensor:
@@ -318,12 +393,12 @@ def evaluate(
         out = masked_attention(q, k, v, mask, scale)
         density = mask.flatten(1).sum(-1).to(probs.dtype) / n_causal
     elif isinstance(method, XAttention):
-        blocks = xattention_blocks(probs, method)
+        blocks = xattention_blocks(probs, method, q, k, scale)
         mask = blocks_to_mask(blocks, t, method.block)
         out = masked_attention(q, k, v, mask, scale)
         density = mask.flatten(1).sum(-1).to(probs.dtype) / n_causal
     elif isinstance(method, PSA):
-        levels = psa_levels(probs, method)
+        levels = psa_levels(probs, method, q, k, scale)
         mask = blocks_to_mask(levels >= 0, t, method.block)
         out = pyramid_attention(q, k, v, levels, method.block, scale)
         weight = torch.where(levels >= 0, 0.5 ** levels.clamp(min=0).to(probs.dtype), 0.0)

@@ -37,6 +37,16 @@ def configs(block: int, stride: int) -> list:
         PSA(block=block, stride=stride, thresholds=cuts)
         for cuts in ((0.7, 0.8, 0.9, 0.95), (0.8, 0.9, 0.95, 0.98))
     ]
+    # the paper's cheap strided estimate instead of the exact probabilities' antidiagonals
+    out += [
+        XAttention(block=block, stride=stride, threshold=t, scoring="strided") for t in (0.9, 0.95)
+    ]
+    out.append(PSA(block=block, stride=stride, thresholds=(0.7, 0.8, 0.9, 0.95), scoring="strided"))
+    # ... with the first key block (the attention sink) always kept
+    out += [
+        XAttention(block=block, stride=stride, threshold=0.9, scoring=sc, keep_sink=True)
+        for sc in ("strided", "probs")
+    ]
     return out
 
 

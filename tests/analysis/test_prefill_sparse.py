@@ -22,6 +22,7 @@ from analysis.prefill_sparse import (
     masked_attention,
     psa_levels,
     pyramid_attention,
+    strided_scores,
     summary,
     vertical_slash_mask,
     xattention_blocks,
@@ -99,6 +100,51 @@ def test_antidiagonal_block_scores_equal_a_hand_loop():
                 if (i + j) % stride == stride - 1:
                     want[h, i // block, j // block] += pn[h, i, j]
     np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_strided_estimate_equals_a_hand_loop_over_antidiagonal_logits():
+    q, k, _ = _qkv(8, t=45)
+    block, stride, scale = 12, 4, 0.3
+    got = strided_scores(q, k, scale, block, stride).numpy()
+    n = 48  # padded to whole blocks with zero vectors
+    qn = np.zeros((4, n, 8))
+    kn = np.zeros((2, n, 8))
+    qn[:, :45], kn[:, :45] = q.numpy(), k.numpy()
+    m = n // stride
+    want = np.zeros((4, 4, 4))
+    for h in range(4):
+        for a in range(m):
+            if a * stride >= 45:
+                continue
+            logits = np.array(
+                [
+                    sum(
+                        qn[h, stride * a + stride - 1 - r] @ kn[h // 2, stride * b + r]
+                        for r in range(stride)
+                    )
+                    * scale
+                    / stride
+                    for b in range(a + 1)
+                ]
+            )
+            e = np.exp(logits - logits.max())
+            for b, pb in enumerate(e / e.sum()):
+                want[h, a * stride // block, b * stride // block] += pb
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    # strided scoring runs end to end and keeps a valid causal block set with the diagonal
+    cfg = XAttention(block=12, stride=4, threshold=0.7, scoring="strided")
+    res = evaluate(q, k, _qkv(8, t=45)[2], scale, cfg)
+    assert ((res["density"] > 0) & (res["density"] <= 1)).all()
+    blocks = xattention_blocks(causal_probs(q, k, scale), cfg, q, k, scale)
+    assert blocks[:, range(4), range(4)].all() and not blocks.triu(1).any()
+    # keep_sink adds the first key block to every query block and nothing else
+    sink = XAttention(block=12, stride=4, threshold=0.7, scoring="strided", keep_sink=True)
+    with_sink = xattention_blocks(causal_probs(q, k, scale), sink, q, k, scale)
+    assert with_sink[:, :, 0].all() and torch.equal(with_sink[:, :, 1:], blocks[:, :, 1:])
+    lv = psa_levels(
+        causal_probs(q, k, scale), PSA(block=12, stride=4, thresholds=(0.3, 0.6), keep_sink=True)
+    )
+    assert (lv[:, :, 0] == 0).all()
 
 
 def test_xattention_keeps_the_smallest_prefix_of_ranked_blocks_reaching_the_threshold():
