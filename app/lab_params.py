@@ -135,6 +135,8 @@ def help_for(method: str, param: str) -> str | None:
 
 # parameters counted in prompt tokens
 TOKEN_COUNTS = ("budget", "window", "sinks", "recent", "residual", "history")
+# methods whose window counts recent queries, not tokens the cache must keep
+WINDOW_OF_QUERIES = ("actqkv",)
 
 
 def check_against_trace(name: str, params: dict, n_prompt: int) -> list[str]:
@@ -150,7 +152,8 @@ def check_against_trace(name: str, params: dict, n_prompt: int) -> list[str]:
         if isinstance(value, int) and value >= n_prompt and key != "budget":
             notes.append(f"{name}: {key}={value} covers the whole {n_prompt}-token prompt")
     budget, window = params.get("budget"), params.get("window")
-    if isinstance(budget, int) and isinstance(window, int) and window > budget:
+    kept_window = name not in WINDOW_OF_QUERIES  # a window of kept tokens must fit the budget
+    if kept_window and isinstance(budget, int) and isinstance(window, int) and window > budget:
         raise KvlensError(
             f"{name}: window={window} must be <= budget={budget} (the window is always kept)"
         )

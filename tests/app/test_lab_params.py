@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from app.lab_params import HELP, choices_for, help_for
+import pytest
+
+from app.lab_params import HELP, check_against_trace, choices_for, help_for
 from methods.registry import available
+from probes.errors import KvlensError
 
 
 def test_every_parameter_of_every_method_has_help():
@@ -33,3 +36,10 @@ def test_every_enumerated_default_is_among_the_choices_the_lab_offers():
         if choices_for(name, f.name) and f.default not in choices_for(name, f.name)
     ]
     assert not wrong, wrong  # else the selectbox would offer another method's values
+
+
+def test_a_window_longer_than_the_budget_is_refused_only_where_it_is_kept():
+    with pytest.raises(KvlensError, match="window=64 must be <= budget=32"):
+        check_against_trace("snapkv", {"budget": 32, "window": 64}, 500)
+    # ActQKV's window counts the recent queries its probe is built from, not kept tokens
+    assert check_against_trace("actqkv", {"budget": 8, "window": 16}, 500) == []
