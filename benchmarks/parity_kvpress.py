@@ -52,12 +52,39 @@ def side_python(venv: Path = SIDE_VENV) -> Path:
 
 
 # ---------------------------------------------------------------- the kvpress side
-def make_press(spec: dict, n_kept: int, n_tokens: int):
-    """A kvpress press from the job's description (side environment only)."""
+def make_press(spec: dict, n_kept: int, n_tokens: int, n_cells: int = 1):
+    """A kvpress press from the job's description (side environment only); ``n_cells`` is
+    layers x KV heads (KVzip's budget is global over them)."""
     import kvpress
 
     ratio = 1 - (n_kept + 0.5) / n_tokens  # so that int(T * (1 - ratio)) == n_kept
     kind, p = spec["press"], spec.get("args", {})
+    if kind == "kvzip":
+        # KVzip prunes int(N * ratio) of all N = cells x T pairs: so that n_kept per head on
+        # average stay, int(N * ratio) must be N - cells * n_kept
+        n = n_cells * n_tokens
+        press = kvpress.KVzipPress((n - n_cells * n_kept + 0.5) / n, n_sink=p["sinks"])
+        # the press frames its repeat prompt by the tokenizer's chat template when it has
+        # one (SmolLM2's has); chat=False hides the template (kvlens' framing: none)
+        from kvpress.presses import kvzip_press
+        from transformers import AutoTokenizer
+
+        class Tokenizer:
+            @staticmethod
+            def from_pretrained(path, *a, **k):
+                tok = AutoTokenizer.from_pretrained(path, *a, **k)
+                if not p["chat"]:
+                    tok.chat_template = None
+                return tok
+
+        kvzip_press.AutoTokenizer = Tokenizer
+        return press
+    if kind == "knorm":
+        return kvpress.KnormPress(ratio)
+    if kind == "expected":
+        return kvpress.ExpectedAttentionPress(
+            ratio, n_future_positions=p["future"], n_sink=p["sinks"]
+        )
     if kind == "adakv":
         return kvpress.AdaKVPress(
             kvpress.SnapKVPress(ratio, window_size=p["window"], kernel_size=p["kernel"]),
@@ -164,7 +191,8 @@ def run_side(job_path: str) -> None:
                     answers[f"{pi}.{si}"] = answers[f"{pi}.{done[key]}"]
                     continue
                 done[key] = si
-                press = make_press(spec, prompt["n_kept"], t)
+                n_cells = model.config.num_hidden_layers * model.config.num_key_value_heads
+                press = make_press(spec, prompt["n_kept"], t, n_cells)
                 record: dict = {}
                 inner = press.compress
 
@@ -190,7 +218,8 @@ def run_side(job_path: str) -> None:
                 layers = model.model.layers
                 masks = []
                 for li in range(len(layers)):
-                    before, after = record[li]
+                    # KVzip compresses after its replay, by masks, not through compress
+                    before, after = record.get(li, (cache.layers[li].keys[0], None))
                     masked = getattr(layers[li].self_attn, "masked_key_indices", None)
                     if spec["press"] == "think":  # kept channels: not zeroed by the press
                         zeroed = (after == 0).all(1) & ~(before == 0).all(1)
@@ -229,10 +258,16 @@ def kvlens_kept(cache, spec_name: str):
     return torch.stack(masks)
 
 
-def pairs(n_kept: int, duo_streaming) -> list[tuple[str, dict, str]]:
-    """(label, kvpress press description, kvlens spec) at the same settings."""
+def pairs(n_kept: int, duo_streaming, n_tokens: int | None = None) -> list[tuple[str, dict, str]]:
+    """(label, kvpress press description, kvlens spec) at the same settings; ``n_tokens``,
+    the context length, for the settings that depend on it (None: shown symbolically)."""
     b = n_kept
     kp_snap = {"window": 64, "kernel": 5}
+    t = n_tokens
+    # kvpress's ExpectedAttention fits its query statistics to every query after the sinks
+    ea_window = t - 4 if t else "T-4"
+    # KVzip keeps a fraction of all pairs (global allocation): B of T per head on average
+    zip_ratio = b / t if t else "B/T"
     return [
         ("SnapKV", {"press": "snapkv", "args": kp_snap},
          f"snapkv:budget={b},window=64,kernel=5,pooling=avg"),
@@ -253,6 +288,18 @@ def pairs(n_kept: int, duo_streaming) -> list[tuple[str, dict, str]]:
             "sinks": 64, "recent": 128, "streaming": duo_streaming}},
          "duo:heads=0.5,sinks=64,recent=128"),
         ("random", {"press": "random", "args": {"seed": 0}}, f"random:budget={b}"),
+        ("Knorm", {"press": "knorm"}, f"knorm:budget={b}"),
+        ("ExpectedAttention", {"press": "expected", "args": {"future": 512, "sinks": 4}},
+         f"expected_attention:budget={b},window={ea_window},future=512,sinks=4"),
+        ("ExpectedAttention (kvlens defaults)", {"press": "expected", "args": {
+            "future": 512, "sinks": 4}}, f"expected_attention:budget={b}"),
+        ("KVzip (no chat template)", {"press": "kvzip", "args": {"sinks": 4, "chat": False}},
+         f"kvzip:ratio={zip_ratio},level=pair,allocation=global,chunk=2048,sinks=4"),
+        ("KVzip (kvpress with the chat template)", {"press": "kvzip", "args": {
+            "sinks": 4, "chat": True}},
+         f"kvzip:ratio={zip_ratio},level=pair,allocation=global,chunk=2048,sinks=4"),
+        ("ThinK (channels; group_pool=square)", {"press": "think", "args": {
+            "prune": 0.5, "window": 32}}, "think:prune=0.5,window=32,group_pool=square"),
     ]  # fmt: skip
 
 
@@ -312,8 +359,8 @@ def main() -> None:
     if only - set(known):
         sys.exit(f"--only: unknown {sorted(only - set(known))}; known: {known}")
 
-    def chosen(n_kept: int) -> list[tuple[str, dict, str]]:
-        return [p for p in pairs(n_kept, streaming) if not only or p[0] in only]
+    def chosen(n_kept: int, n_tokens: int | None = None) -> list[tuple[str, dict, str]]:
+        return [p for p in pairs(n_kept, streaming, n_tokens) if not only or p[0] in only]
 
     labels = [p[0] for p in chosen(1)]
     job_presses = [p[1] for p in chosen(1)]
@@ -330,8 +377,9 @@ def main() -> None:
         with torch.inference_mode():
             sanity = model(input_ids=torch.tensor([prompts[0]["context"]])).logits[0, -1]
             for pi, prompt in enumerate(prompts):
-                for si, (_, _, spec) in enumerate(chosen(prompt["n_kept"])):
-                    cache = compress_context(model, prompt["context"], spec)
+                n_ctx = len(prompt["context"])
+                for si, (_, _, spec) in enumerate(chosen(prompt["n_kept"], n_ctx)):
+                    cache = compress_context(model, prompt["context"], spec, tok)
                     kept = kvlens_kept(cache, spec.split(":")[0])
                     texts = []
                     for q in prompt["questions"]:

@@ -15,15 +15,17 @@ How the future queries are modelled (each a documented choice):
 - Statistics come from the last ``window`` queries of the prompt, made pre-RoPE by undoing
   their rotation at their own positions (RoPE is a rotation per channel pair, so this is
   exact), then fitted: mean and population covariance (``covariance=false`` drops Sigma).
+  kvpress fits every query after its ``n_sink`` first: ``window`` = prompt length - sinks.
 - The future is the next ``future`` positions: the fitted mean and covariance are carried
   there by the *average* RoPE rotation over those positions, R = mean_p R_p (mu -> R mu,
   Sigma -> R Sigma R^T), as kvpress does. The average of rotations is not a rotation: it
   shrinks fast-turning channel pairs, whose future phase is unknown, towards zero.
 - Query heads of a KV group are scored separately and their expected attention weights
-  averaged (kvlens's rule for every eviction score); kvpress instead averages the group's
-  mean and covariance and scores once.
+  averaged (kvlens's rule for every eviction score; kvpress 0.5.5 does the same).
 - The first ``sinks`` tokens are always kept (kvpress's n_sink): attention sinks draw
-  attention that no Gaussian of ordinary queries predicts.
+  attention that no Gaussian of ordinary queries predicts. The softmax runs over all keys,
+  sinks included; kvpress's runs over the keys after the sinks, which reweights the group's
+  heads in the average (benchmarks/RESULTS.md, parity addendum of 2026-12-04).
 It compresses once, after the prefill, and keeps every later token.
 """
 
