@@ -80,6 +80,7 @@ HELP: dict[str, str] = {
     "ratio": "share of the cache kept (of KV pairs, or of heads at level=head)",
     "level": "rank single KV pairs (pair) or whole heads (head)",
     "allocation": "keep the top ratio over all layers and heads (global), per layer or per head",
+    "sketch": "rows of the Gaussian sketch for approximate leverage scores; 0 = exact",
     "group_pool": "how a KV head pools its query group's channel norms: norm or square (kvpress)",
     # the sparse family (the whole cache kept; budget = tokens each KV head reads per step)
     "page": "tokens per page; a step reads whole pages",

@@ -2,6 +2,7 @@
 
 from methods.eviction import (  # noqa: F401
     adakv,
+    compactor,
     expected_attention,
     gemfilter,
     h2o,

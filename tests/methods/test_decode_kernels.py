@@ -23,6 +23,7 @@ SPECS = {
     "random": "random:budget=96",
     "knorm": "knorm:budget=96",
     "keydiff": "keydiff:budget=96",
+    "compactor": "compactor:budget=96",
     "expected_attention": "expected_attention:budget=96,window=16",
     "ems": "ems:budget=96,window=16",
     "cam": "cam:budget=96,merge=16",

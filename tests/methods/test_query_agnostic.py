@@ -4,6 +4,7 @@ checked against an independent computation from a probe of the same prompt."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from tests.conftest import passage
 
 N = 200
 BUDGET = 64
-METHODS = ("knorm", "keydiff", "expected_attention")
+METHODS = ("knorm", "keydiff", "expected_attention", "compactor")
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +183,47 @@ def test_expected_attention_bad_parameters_are_one_line(param):
     with pytest.raises(KvlensError) as err:
         create(f"expected_attention:{param}")
     assert "\n" not in str(err.value) and param.split("=")[0] in str(err.value)
+
+
+def _numpy_leverage(k: torch.Tensor) -> np.ndarray:
+    """diag(K (K^T K)^+ K^T) in float64 numpy: the projection onto K's column space."""
+    x = k.double().numpy()
+    return np.einsum("ij,jk,ik->i", x, np.linalg.pinv(x.T @ x), x)
+
+
+def test_compactor_keeps_the_keys_of_highest_leverage(smol, ids, trace):
+    cache = prefill(smol[0], ids, f"compactor:budget={BUDGET}")
+    for layer in (0, 7, 15, 29):
+        keys = trace.key(layer).float()
+        for head, kept in enumerate(cache.kept_positions(layer)):
+            lev = torch.from_numpy(_numpy_leverage(keys[head])).float()
+            assert_keeps_top(kept, lev, BUDGET, f"layer {layer} head {head}")
+            # not the norm rule, nor KeyDiff's
+            by_norm = torch.topk(-keys[head].norm(dim=-1), BUDGET).indices.sort().values
+            assert not torch.equal(kept, by_norm)
+
+
+def test_leverage_scores_exact_and_sketched():
+    from methods.eviction.compactor import leverage_scores
+
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(300, 16, generator=g) * torch.linspace(0.1, 3, 16)  # anisotropic
+    k[17] *= 25  # a key far along its own direction: high leverage
+    exact = leverage_scores(k)
+    np.testing.assert_allclose(exact.numpy(), _numpy_leverage(k), rtol=1e-5, atol=1e-7)
+    assert exact.sum().item() == pytest.approx(16, abs=1e-4)  # sums to rank(K)
+    assert int(exact.argmax()) == 17
+    low_rank = k[:, :4] @ torch.randn(4, 16, generator=g)  # rank 4 (to float32 rounding)
+    assert leverage_scores(low_rank).sum().item() == pytest.approx(4, abs=1e-3)
+    sketched = leverage_scores(k, sketch=256, seed=1)
+    corr = np.corrcoef(sketched.numpy(), exact.numpy())[0, 1]
+    assert corr > 0.9 and int(sketched.argmax()) == 17
+    assert not torch.equal(sketched, exact)
+
+
+def test_compactor_bad_sketch_is_one_line(smol, ids):
+    with pytest.raises(KvlensError, match="sketch must be >= 0"):
+        create("compactor:sketch=-1")
+    with pytest.raises(KvlensError) as err:
+        prefill(smol[0], ids, "compactor:budget=32,sketch=8")  # fewer rows than head_dim 64
+    assert "\n" not in str(err.value) and "head size 64" in str(err.value)
