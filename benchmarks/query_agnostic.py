@@ -43,7 +43,15 @@ from probes import load_model
 from probes.models import model_facts
 from probes.tasks import context_and_question, make_task
 
-EVICTIONS = ("knorm", "keydiff", "expected_attention", "kvzip", "streamingllm", "snapkv")
+EVICTIONS = (
+    "knorm",
+    "keydiff",
+    "compactor",
+    "expected_attention",
+    "kvzip",
+    "streamingllm",
+    "snapkv",
+)
 QUANTISERS = ("kivi:bits=4", "kivi:bits=2", "int8")  # each at its one setting
 COMPOSED = {  # quantiser of the composition -> its bytes per token over a 16-bit token's
     "kivi:bits=4,group=32,residual=0": 80 / 256,
