@@ -7,6 +7,7 @@ still runs when the spec is built; these checks only add what depends on the pro
 from __future__ import annotations
 
 from methods.eviction.base import AVERAGES, SCHEDULES
+from methods.eviction.expected_attention import SOFTMAX
 from methods.eviction.gemfilter import POSITIONS
 from methods.eviction.h2o import NORMALISATIONS
 from methods.eviction.kvcrush import ANCHORS
@@ -116,12 +117,17 @@ METHOD_HELP: dict[tuple[str, str], str] = {
     ("cskv", "window"): "newest tokens kept at full precision beside the low-rank features",
     ("kvzip", "normalise"): "softmax of the replay over the chunk and sinks (chunk) or the "
     "whole context (full)",
+    ("expected_attention", "softmax"): "expected attention normalised over all keys (all) or "
+    "over the keys after the sinks (after_sinks, kvpress)",
     ("actqkv", "window"): "recent queries (the current one included) the probe query is built from",
     ("actqkv", "local"): "newest tokens always read (counted in the budget)",
     ("louiskv", "threshold"): "query similarity to the last retrieval's below which it retrieves",
     ("louiskv", "local"): "newest tokens always read",
 }
-METHOD_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {("kvzip", "normalise"): NORMALISE}
+METHOD_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("kvzip", "normalise"): NORMALISE,
+    ("expected_attention", "softmax"): SOFTMAX,
+}
 
 
 def choices_for(method: str, param: str) -> tuple[str, ...] | None:

@@ -290,6 +290,10 @@ def pairs(n_kept: int, duo_streaming, n_tokens: int | None = None) -> list[tuple
         ("random", {"press": "random", "args": {"seed": 0}}, f"random:budget={b}"),
         ("Knorm", {"press": "knorm"}, f"knorm:budget={b}"),
         ("ExpectedAttention", {"press": "expected", "args": {"future": 512, "sinks": 4}},
+         f"expected_attention:budget={b},window={ea_window},future=512,sinks=4,"
+         "softmax=after_sinks"),
+        ("ExpectedAttention (window=T-4 only)", {"press": "expected", "args": {
+            "future": 512, "sinks": 4}},
          f"expected_attention:budget={b},window={ea_window},future=512,sinks=4"),
         ("ExpectedAttention (kvlens defaults)", {"press": "expected", "args": {
             "future": 512, "sinks": 4}}, f"expected_attention:budget={b}"),

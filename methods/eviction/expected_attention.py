@@ -23,9 +23,11 @@ How the future queries are modelled (each a documented choice):
 - Query heads of a KV group are scored separately and their expected attention weights
   averaged (kvlens's rule for every eviction score; kvpress 0.5.5 does the same).
 - The first ``sinks`` tokens are always kept (kvpress's n_sink): attention sinks draw
-  attention that no Gaussian of ordinary queries predicts. The softmax runs over all keys,
-  sinks included; kvpress's runs over the keys after the sinks, which reweights the group's
-  heads in the average (benchmarks/RESULTS.md, parity addendum of 2026-12-04).
+  attention that no Gaussian of ordinary queries predicts. ``softmax=all`` (default)
+  normalises each query head's expected attention over all keys, sinks included;
+  ``softmax=after_sinks`` over the keys after the sinks, as kvpress does. Within one query
+  head this only rescales; across a KV group it reweights the heads in the average
+  (benchmarks/RESULTS.md, parity addendum of 2026-12-04).
 It compresses once, after the prefill, and keeps every later token.
 """
 
@@ -40,6 +42,8 @@ from methods.base import Observation, require
 from methods.eviction.base import EvictionMethod
 from methods.registry import register
 from probes.errors import KvlensError
+
+SOFTMAX = ("all", "after_sinks")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -78,6 +82,7 @@ class ExpectedAttention(EvictionMethod):
     sinks: int = 4
     covariance: bool = True
     vnorm: bool = True
+    softmax: str = "all"
 
     name: ClassVar[str] = "expected_attention"
     paper: ClassVar[str] = (
@@ -95,6 +100,11 @@ class ExpectedAttention(EvictionMethod):
         require(self.window >= 1, self.name, f"window must be >= 1 query, got {self.window}")
         require(self.future >= 1, self.name, f"future must be >= 1 position, got {self.future}")
         require(self.sinks >= 0, self.name, f"sinks must be >= 0, got {self.sinks}")
+        require(
+            self.softmax in SOFTMAX,
+            self.name,
+            f"softmax must be {' or '.join(SOFTMAX)}, not '{self.softmax}'",
+        )
 
     def observation_window(self) -> int:
         return self.window
@@ -131,6 +141,9 @@ class ExpectedAttention(EvictionMethod):
             cov = centred.transpose(1, 2) @ centred / w  # [G, D, D]
             cov = rot @ cov @ rot.T
         logits = expected_logits(obs.keys[head].float(), mean, cov, obs.scale)
+        sink = obs.positions[head] < self.sinks
+        if self.softmax == "after_sinks" and not sink.all():  # sinks stay: protected
+            logits = logits.masked_fill(sink.to(logits.device), float("-inf"))
         score = torch.softmax(logits, dim=-1).mean(0)
         if self.vnorm:
             score = score * store.values[head].float().norm(dim=-1)
