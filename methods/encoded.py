@@ -24,6 +24,28 @@ class Encoding(Protocol):
     def nbytes(self) -> int: ...
 
 
+@dataclass
+class CodedKV:
+    """An Encoding from a coded key part and value part (each rebuilds its [L, D] tensor and
+    counts its own bytes) and the int32 positions."""
+
+    key: object
+    value: object
+    pos: torch.Tensor
+
+    def keys(self) -> torch.Tensor:
+        return self.key.rebuild()
+
+    def values(self) -> torch.Tensor:
+        return self.value.rebuild()
+
+    def positions(self) -> torch.Tensor:
+        return self.pos
+
+    def nbytes(self) -> int:
+        return self.key.nbytes() + self.value.nbytes() + held_bytes(self.pos)
+
+
 class EncodedStore:
     """Per KV head: an optional encoding of the prompt, then a full-precision tail."""
 

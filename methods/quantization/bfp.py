@@ -33,7 +33,7 @@ from typing import ClassVar
 import torch
 
 from methods.base import require
-from methods.encoded import PromptEncoder
+from methods.encoded import CodedKV, PromptEncoder
 from methods.memory import held_bytes
 from methods.quantization.vidkv import code_bytes
 from methods.registry import register
@@ -96,25 +96,6 @@ class BlockFloat:
         )
 
 
-@dataclass
-class BFPHead:
-    key: BlockFloat
-    value: BlockFloat
-    pos: torch.Tensor
-
-    def keys(self):
-        return self.key.rebuild()
-
-    def values(self):
-        return self.value.rebuild()
-
-    def positions(self):
-        return self.pos
-
-    def nbytes(self):
-        return self.key.nbytes() + self.value.nbytes() + held_bytes(self.pos)
-
-
 @register
 @dataclass
 class BlockFloatingPoint(PromptEncoder):
@@ -147,7 +128,7 @@ class BlockFloatingPoint(PromptEncoder):
             f"block={self.block} must divide the head dimension {keys.shape[-1]}",
         )
         m, b, r = self.mantissa, self.block, self.rearrange
-        return BFPHead(
+        return CodedKV(
             BlockFloat.encode(keys, m, b, r),
             BlockFloat.encode(values, m, b, r),
             positions.clone(),

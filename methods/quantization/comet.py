@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 
 from methods.base import require
-from methods.encoded import PromptEncoder
+from methods.encoded import CodedKV, PromptEncoder
 from methods.memory import held_bytes
 from methods.quant import Quantized, dequantize, quantize
 from methods.registry import register
@@ -77,25 +77,6 @@ class MixedGroups:
         )
 
 
-@dataclass
-class CometHead:
-    key: MixedGroups
-    value: MixedGroups
-    pos: torch.Tensor
-
-    def keys(self):
-        return self.key.rebuild()
-
-    def values(self):
-        return self.value.rebuild()
-
-    def positions(self):
-        return self.pos
-
-    def nbytes(self):
-        return self.key.nbytes() + self.value.nbytes() + held_bytes(self.pos)
-
-
 @register
 @dataclass
 class Comet(PromptEncoder):
@@ -133,6 +114,6 @@ class Comet(PromptEncoder):
             f"group={self.group} must divide the head dimension {keys.shape[-1]}",
         )
         args = (self.bits, self.outlier_bits, self.outlier_groups, self.group)
-        return CometHead(
+        return CodedKV(
             MixedGroups.encode(keys, *args), MixedGroups.encode(values, *args), positions.clone()
         )
