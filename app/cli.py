@@ -44,6 +44,26 @@ def _read_prompt(args) -> str:
     return args.prompt
 
 
+def _model_and_prompt(args, chat: bool = False):
+    """What compare, sparse and prefill-sparse share: --task or a prompt (not both), the model
+    loaded, the generated task (None for a prompt) and the prompt's token ids."""
+    from probes import load_model
+    from probes.capture import tokenize
+    from probes.tasks import make_task
+
+    if args.task is not None and (args.prompt is not None or args.prompt_file is not None):
+        raise KvlensError("give either --task or a prompt, not both")
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model, device=args.device)
+    task = None
+    if args.task is not None:
+        task = make_task(args.task, args.length, tokenizer, depth=args.depth, seed=args.seed)
+        text = task.prompt
+    else:
+        text = _read_prompt(args)
+    return model, tokenizer, task, tokenize(tokenizer, text, chat=chat)
+
+
 def cmd_models(args) -> int:
     from probes.models import list_models
 
@@ -151,24 +171,11 @@ def cmd_compare(args) -> int:
 
     from methods.evaluate import compare
     from methods.registry import create, split_specs
-    from probes import load_model
-    from probes.capture import tokenize
-    from probes.tasks import make_task
 
     specs = split_specs(args.methods)
     for spec in specs:
         create(spec)  # fail on a bad spec before loading anything
-    if args.task is not None and (args.prompt is not None or args.prompt_file is not None):
-        raise KvlensError("give either --task or a prompt, not both")
-    print(f"loading {args.model} ...", file=sys.stderr)
-    model, tokenizer = load_model(args.model, device=args.device)
-    task = None
-    if args.task is not None:
-        task = make_task(args.task, args.length, tokenizer, depth=args.depth, seed=args.seed)
-        text = task.prompt
-    else:
-        text = _read_prompt(args)
-    ids = tokenize(tokenizer, text, chat=args.chat)
+    model, tokenizer, task, ids = _model_and_prompt(args, chat=args.chat)
     with tqdm(total=len(specs), desc="compare", unit="method", file=sys.stderr) as bar:
         done = []
 

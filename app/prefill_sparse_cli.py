@@ -8,7 +8,6 @@ top-1 agreement against the full prefill."""
 from __future__ import annotations
 
 import json
-import sys
 
 DEFAULT_METHODS = (
     "xattention:threshold=0.9,vertical_slash:vertical=64,slash=64,psa:thresholds=0.7/0.8/0.9/0.95"
@@ -45,13 +44,10 @@ def add_prefill_sparse_parser(sub) -> None:
 
 def cmd_prefill_sparse(args) -> int:
     from analysis.prefill_sparse import layer_table, parse_spec, summary
-    from app.cli import _one_line, _read_prompt
+    from app.cli import _model_and_prompt, _one_line
     from methods.registry import split_specs
-    from probes import load_model
-    from probes.capture import tokenize
     from probes.errors import KvlensError
     from probes.queries import capture_qkv
-    from probes.tasks import make_task
 
     methods = [parse_spec(s) for s in split_specs(args.methods)]  # fail before loading
     layers = None
@@ -62,17 +58,7 @@ def cmd_prefill_sparse(args) -> int:
             raise KvlensError(
                 f"--layers must be comma-separated integers, got {args.layers!r}"
             ) from None
-    if args.task is not None and (args.prompt is not None or args.prompt_file is not None):
-        raise KvlensError("give either --task or a prompt, not both")
-    print(f"loading {args.model} ...", file=sys.stderr)
-    model, tokenizer = load_model(args.model, device=args.device)
-    task = None
-    if args.task is not None:
-        task = make_task(args.task, args.length, tokenizer, depth=args.depth, seed=args.seed)
-        text = task.prompt
-    else:
-        text = _read_prompt(args)
-    ids = tokenize(tokenizer, text)
+    model, tokenizer, task, ids = _model_and_prompt(args)
     qkv = capture_qkv(model, tokenizer, ids, layers=layers)
     table = layer_table(
         {x: (qkv.queries[x], qkv.keys[x], qkv.values[x]) for x in qkv.layers}, qkv.scale, methods

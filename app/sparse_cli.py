@@ -49,13 +49,10 @@ def cmd_sparse(args) -> int:
     from tqdm import tqdm
 
     from analysis.sparse_recall import hard_heads, recall_curve
-    from app.cli import _one_line, _read_prompt
+    from app.cli import _model_and_prompt, _one_line
     from methods.memory import SERVING_NOTE
     from methods.registry import create, split_specs
     from methods.sparse.run import sparse_compare
-    from probes import load_model
-    from probes.capture import tokenize
-    from probes.tasks import make_task
 
     specs = split_specs(args.methods)
     for spec in specs:  # a bad spec fails before the model loads
@@ -67,17 +64,7 @@ def cmd_sparse(args) -> int:
             )
     if not 0.0 <= args.hard <= 1.0:
         raise KvlensError(f"--hard must be in [0, 1], got {args.hard}")
-    if args.task is not None and (args.prompt is not None or args.prompt_file is not None):
-        raise KvlensError("give either --task or a prompt, not both")
-    print(f"loading {args.model} ...", file=sys.stderr)
-    model, tokenizer = load_model(args.model, device=args.device)
-    task = None
-    if args.task is not None:
-        task = make_task(args.task, args.length, tokenizer, depth=args.depth, seed=args.seed)
-        text = task.prompt
-    else:
-        text = _read_prompt(args)
-    ids = tokenize(tokenizer, text)
+    model, tokenizer, task, ids = _model_and_prompt(args)
     with tqdm(total=len(specs) + 1, desc="sparse", unit="run", file=sys.stderr) as bar:
         started: list[str] = []
 
