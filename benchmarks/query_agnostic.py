@@ -20,6 +20,7 @@ the table is the measured one. Rows are appended to ``--out`` (JSON lines) as ea
 finishes, and a rerun skips the prompts it holds.
 
     .venv/bin/python benchmarks/query_agnostic.py --lengths 500,1000,2000 --seeds 4
+    python3 benchmarks/query_agnostic.py --device cuda --model PATH.gguf   # same run, a GPU
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ EVICTIONS = (
     "knorm",
     "keydiff",
     "compactor",
+    "compactor:sinks=4",
     "expected_attention",
     "kvzip",
     "streamingllm",
@@ -67,11 +69,13 @@ def specs_for(target: float, n_tokens: int, head_dim: int) -> list[tuple[str, st
     fraction = target * token / (token + 4)
     budget = max(8, math.floor(fraction * n_tokens))
     out = []
-    for name in EVICTIONS:
+    for entry in EVICTIONS:  # "name" or "name:extra=params" (the label is the entry)
+        name, _, extra = entry.partition(":")
+        extra = f",{extra}" if extra else ""
         if name == "kvzip":
-            out.append((name, f"kvzip:ratio={fraction:.4f}"))
+            out.append((entry, f"kvzip:ratio={fraction:.4f}{extra}"))
         else:
-            out.append((name, f"{name}:budget={budget}"))
+            out.append((entry, f"{name}:budget={budget}{extra}"))
     for quant, cost in COMPOSED.items():
         ratio = MARGIN * target / cost
         if ratio <= 1.0:
@@ -121,7 +125,9 @@ def kl(ref: torch.Tensor, got: torch.Tensor) -> float:
     return float((ref_lp.exp() * (ref_lp - got_lp)).sum())
 
 
-def run_prompt(model, tokenizer, p: dict, targets: list[float], n_new: int) -> list[dict]:
+def run_prompt(
+    model, tokenizer, p: dict, targets: list[float], n_new: int, only: set[str] | None = None
+) -> list[dict]:
     facts = model_facts(model)
     ctx = tokenizer(p["context"])["input_ids"]
     q = tokenizer(p["question"], add_special_tokens=False)["input_ids"]
@@ -153,6 +159,8 @@ def run_prompt(model, tokenizer, p: dict, targets: list[float], n_new: int) -> l
             for label, spec in specs_for(t, len(ctx), facts.head_dim)
         ]
         runs += [(None, spec, spec) for spec in QUANTISERS]
+        if only:  # a supplementary pass: these labels alone (the full cache always runs)
+            runs = [r for r in runs if r[1] in only]
         for target, label, spec in runs:
             t0 = time.perf_counter()
             cache = compress_context(model, ctx, spec, tokenizer)
@@ -217,23 +225,33 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--out", default="benchmarks/query_agnostic.jsonl")
     parser.add_argument("--table-only", action="store_true", help="print the table of --out")
+    parser.add_argument("--merge", nargs="*", default=[], help="more --out files for the table")
+    parser.add_argument("--only", default="", help="labels separated by ; : run these alone")
+    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th prompt from the i-th")
+    parser.add_argument("--model", default="smollm2-135m", help="a model name, folder or .gguf")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the same run on a GPU")
+    parser.add_argument("--dtype", default="float32", help="float32 (as on the CPU) or bfloat16")
     args = parser.parse_args()
     targets = [float(t) for t in args.targets.split(",")]
     out = Path(args.out)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    for extra in args.merge:  # other runs' files (shards, supplementary passes) in the table
+        rows += [json.loads(line) for line in Path(extra).read_text().splitlines()]
     lengths = [int(n) for n in args.lengths.split(",")]
     asked = {
         f"{k}-{n}-{s}" for k in ("niah", "multikey") for n in lengths for s in range(args.seeds)
     }
     rows = [r for r in rows if r["prompt"] in asked]  # the table covers the prompts asked for
     if not args.table_only:
-        model, tokenizer = load_model("smollm2-135m", device="cpu")
+        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
         done = {r["prompt"] for r in rows}
-        for p in prompts(lengths, args.seeds, tokenizer):
-            if p["id"] in done:
+        shard, n_shards = (int(x) for x in args.shard.split("/"))
+        only = set(args.only.split(";")) if args.only else None
+        for i, p in enumerate(prompts(lengths, args.seeds, tokenizer)):
+            if p["id"] in done or i % n_shards != shard:
                 continue
             t0 = time.perf_counter()
-            new = run_prompt(model, tokenizer, p, targets, args.max_new_tokens)
+            new = run_prompt(model, tokenizer, p, targets, args.max_new_tokens, only)
             with out.open("a") as f:
                 for r in new:
                     f.write(json.dumps(r) + "\n")

@@ -14,6 +14,11 @@ nothing reads a query, so it suits a context compressed before its question is k
 randomised way (Drineas et al. 2012): a Gaussian sketch S [s, L] / sqrt(s) of the rows, R from
 the QR of S K, then l_i ~ ||k_i R^-1||^2 (seeded by ``seed``).
 
+``sinks=n`` always keeps the first n positions (default 0, the leverage rule alone). Measured
+on SmolLM2 (benchmarks/query_agnostic.py), the leverage rule drops position 0 in some layers
+(every head of layer 5 at half the tokens of a 516-token prompt), whose attention sink then
+goes missing; ``sinks=4`` is the setting most kvlens methods keep.
+
 Departures, on purpose: Compactor also blends these scores with a non-causal attention score
 of the context and calibrates per-head budgets; kvlens implements the leverage part alone (a
 method of its own, composable with others' budgets by '+'), on the cached post-RoPE keys.
@@ -32,8 +37,10 @@ from methods.registry import register
 
 
 def leverage_scores(keys: torch.Tensor, sketch: int = 0, seed: int = 0) -> torch.Tensor:
-    """[L, D] keys -> [L] leverage of each row (exact when ``sketch`` is 0)."""
-    k = keys.double()
+    """[L, D] keys -> [L] leverage of each row (exact when ``sketch`` is 0). Computed on the
+    CPU in float64 whatever the keys' device: CUDA's SVD fails to converge on some key matrices
+    (seen on an H200), and one place keeps the scores the same on every machine."""
+    k = keys.detach().to("cpu", torch.float64)
     if sketch <= 0:
         u, sv, _ = torch.linalg.svd(k, full_matrices=False)
         # the directions K spans, numpy's matrix_rank rule at the keys' own precision
@@ -51,6 +58,7 @@ def leverage_scores(keys: torch.Tensor, sketch: int = 0, seed: int = 0) -> torch
 class Compactor(EvictionMethod):
     sketch: int = 0
     seed: int = 0
+    sinks: int = 0
 
     name: ClassVar[str] = "compactor"
     paper: ClassVar[str] = (
@@ -65,6 +73,10 @@ class Compactor(EvictionMethod):
     def validate(self) -> None:
         super().validate()
         require(self.sketch >= 0, self.name, f"sketch must be >= 0 rows, got {self.sketch}")
+        require(self.sinks >= 0, self.name, f"sinks must be >= 0, got {self.sinks}")
+
+    def protected(self, obs, head) -> torch.Tensor | None:
+        return obs.positions[head] < self.sinks if self.sinks else None
 
     def scores(self, store, obs, head) -> torch.Tensor:
         keys = obs.keys[head]

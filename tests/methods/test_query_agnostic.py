@@ -203,6 +203,17 @@ def test_compactor_keeps_the_keys_of_highest_leverage(smol, ids, trace):
             assert not torch.equal(kept, by_norm)
 
 
+def test_compactor_sinks_stay_and_the_rest_is_leverage(smol, ids, trace):
+    cache = prefill(smol[0], ids, f"compactor:budget={BUDGET},sinks=4")
+    for layer in (0, 5, 29):
+        keys = trace.key(layer).float()
+        for head, kept in enumerate(cache.kept_positions(layer)):
+            assert set(range(4)) <= set(kept.tolist()), f"layer {layer} head {head}"
+            lev = torch.from_numpy(_numpy_leverage(keys[head])).float()
+            lev[:4] = float("inf")  # the sinks outrank every score
+            assert_keeps_top(kept, lev, BUDGET, f"layer {layer} head {head}")
+
+
 def test_leverage_scores_exact_and_sketched():
     from methods.eviction.compactor import leverage_scores
 
