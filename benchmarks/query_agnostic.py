@@ -237,6 +237,13 @@ def main() -> None:
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     for extra in args.merge:  # other runs' files (shards, supplementary passes) in the table
         rows += [json.loads(line) for line in Path(extra).read_text().splitlines()]
+    seen, unique = set(), []
+    for r in rows:  # one row per prompt, label and target (every pass runs the full cache)
+        key = (r["prompt"], r["label"], r["target"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    rows = unique
     lengths = [int(n) for n in args.lengths.split(",")]
     asked = {
         f"{k}-{n}-{s}" for k in ("niah", "multikey") for n in lengths for s in range(args.seeds)
