@@ -65,7 +65,7 @@ if triton is not None:
 
 def page_bounds_triton(
     q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, pool: str = "max",
-    block_p: int = 64,
+    block_p: int = 64, num_warps: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Launch one program per (batch, KV head, block of pages)."""
     bsz, hq, d = q.shape
@@ -73,12 +73,13 @@ def page_bounds_triton(
     group = hq // hkv
     out = torch.empty(bsz, hkv, n_pages, device=q.device, dtype=torch.float32)
     kmin, kmax = kmin.contiguous(), kmax.contiguous()
+    extra = {} if num_warps is None or q.device.type == "cpu" else {"num_warps": num_warps}
     _page_bounds_kernel[(bsz * hkv, triton.cdiv(n_pages, block_p))](
         q, kmin, kmax, out,
         q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
         hkv, n_pages,
         GROUP=group, GP=group_pad(group), HEAD_DIM=d, BLOCK_P=block_p,
-        POOL_MAX=pool == "max",
+        POOL_MAX=pool == "max", **extra,
     )  # fmt: skip
     return out
 

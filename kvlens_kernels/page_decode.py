@@ -50,6 +50,7 @@ if triton is not None:
         stride_pb, stride_ph,
         H_KV, N_SPLITS, SPLIT_LEN, PAGE, scale_log2,
         GROUP: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+        IN_PAGE: tl.constexpr,
     ):  # fmt: skip
         pid_bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -75,8 +76,12 @@ if triton is not None:
         for n0 in tl.range(start, end, BLOCK_N):
             slots = n0 + tl.arange(0, BLOCK_N)
             ok = slots < end
-            page = tl.load(p_base + slots // PAGE, mask=ok, other=0)
-            rows = page.to(tl.int64) * PAGE + slots % PAGE
+            if IN_PAGE:  # the block lies in one page: one index, contiguous rows
+                page = tl.load(p_base + n0 // PAGE)
+                rows = page.to(tl.int64) * PAGE + (n0 % PAGE) + tl.arange(0, BLOCK_N)
+            else:
+                page = tl.load(p_base + slots // PAGE, mask=ok, other=0)
+                rows = page.to(tl.int64) * PAGE + slots % PAGE
             ok = ok & (rows < length)  # the last page may be partial
             k = tl.load(
                 k_base + rows[:, None] * stride_kc + offs_d[None, :], mask=ok[:, None], other=0.0
@@ -102,11 +107,15 @@ def page_decode_triton(
     split_len: int | None = None,
     block_n: int | None = None,
     waves: int = 1,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Launch the split kernel over the selected slots, then combine the splits.
 
     ``max_pages`` (the most pages any head reads) saves a device-to-host read when known, as
-    it is when a step selects a fixed number of pages."""
+    it is when a step selects a fixed number of pages. When ``block_n`` divides the page size
+    (and so does the split length), each block of slots lies in one page: the kernel reads one
+    page index per block and contiguous rows."""
     bsz, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -123,12 +132,15 @@ def page_decode_triton(
     n_pages_i = n_pages.to(device=q.device, dtype=torch.int32).contiguous()
     pages_i = pages if pages.dtype in (torch.int32, torch.int64) else pages.to(torch.int32)
     pages_i = pages_i.to(q.device).contiguous()  # int64 as top-k gives it: no conversion
+    in_page = page_size % block_n == 0 and split_len % block_n == 0
+    extra = {} if q.device.type == "cpu" else {"num_warps": num_warps, "num_stages": num_stages}
+    extra = {name: value for name, value in extra.items() if value is not None}
     _page_decode_split[(bsz * hkv, n_splits)](
         q, k, v, lengths_i, pages_i, n_pages_i, o_part, l_part,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         pages_i.stride(0), pages_i.stride(1),
         hkv, n_splits, split_len, page_size, scale * LOG2E,
-        GROUP=group, GP=gp, HEAD_DIM=d, BLOCK_N=block_n,
+        GROUP=group, GP=gp, HEAD_DIM=d, BLOCK_N=block_n, IN_PAGE=in_page, **extra,
     )  # fmt: skip
     return combine_splits(o_part, l_part, bsz, hq, group, n_splits, d, q.dtype)
 

@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+import kvlens_kernels.page_select as page_select
 from methods.base import DecodeStep, Method, Observation, Selection, require
 from methods.sparse.store import SparseStore
 
@@ -91,3 +92,22 @@ def top_with(scores: torch.Tensor, k: int, forced: torch.Tensor | None = None) -
         s = s.masked_fill(forced, float("inf"))
         k = max(k, int(forced.sum()))
     return torch.topk(s, k).indices.sort().values
+
+
+def top_pages(scores: torch.Tensor, k: int, *, last: bool = False) -> list[torch.Tensor]:
+    """``top_with`` for every row of ``scores`` [H, N]: per row the ascending (int64) indices
+    of its ``k`` best, with ``last`` the final entry (Quest's current page) always among them.
+    On CUDA one launch of the Triton selection (``kvlens_kernels.page_select``) replaces a
+    ``torch.topk`` and a sort per row: the same set wherever the scores are distinct; among
+    equal scores at the k-th place it takes the lowest indices (torch.topk's pick is
+    unspecified). Elsewhere the rows go through ``top_with`` as before."""
+    if page_select.kernel_applies(scores):
+        kk = max(k, 1) if last else k
+        with torch.cuda.device(scores.device):
+            chosen = page_select.page_select_triton(scores.float()[None], kk, force_last=last)
+        return list(chosen[0].long().unbind(0))
+    forced = None
+    if last:
+        forced = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+        forced[-1] = True
+    return [top_with(scores[h], k, forced) for h in range(scores.shape[0])]

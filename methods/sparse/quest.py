@@ -4,7 +4,8 @@ Inference").
 The cache is cut into pages of ``page`` tokens; per page and KV head the store keeps the
 channel-wise minimum and maximum of its keys (updated as tokens arrive). A decoding query
 bounds each page's best score by sum_i max(q_i * min_i, q_i * max_i)
-(``kvlens_kernels.page_bounds``: Triton on CUDA) and reads the top ``budget // page`` pages,
+(``kvlens_kernels.page_bounds``: Triton on CUDA) and reads the top ``budget // page`` pages
+(on CUDA chosen by ``kvlens_kernels.page_select`` in one launch, no sort),
 the current (last, partial) page always among them, as in the paper's implementation. The first
 ``dense_layers`` layers read every page (the paper leaves the first two layers dense). Quest is
 defined for multi-head attention; with grouped queries a KV group reads one set of pages,
@@ -22,7 +23,7 @@ from kvlens_kernels.page_bounds import page_bounds
 from methods.base import Selection, require
 from methods.memory import held_bytes
 from methods.registry import register
-from methods.sparse.base import POOLS, SparseMethod, top_with
+from methods.sparse.base import POOLS, SparseMethod, top_pages
 
 
 def page_summaries(keys: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,9 +73,6 @@ class Quest(SparseMethod):
             self.extend(store, None)
         kmin, kmax = store.meta["kmin"], store.meta["kmax"]
         bounds = page_bounds(step.query[None], kmin[None], kmax[None], pool=self.pool)[0]
-        n_pages = bounds.shape[1]
-        last = torch.zeros(n_pages, dtype=torch.bool, device=bounds.device)
-        last[-1] = True
         k = max(1, self.budget // self.page)
-        pages = [top_with(bounds[h], k, last) for h in range(store.n_heads)]
+        pages = top_pages(bounds, k, last=True)  # the current page always read
         return Selection(pages, page_size=self.page, select_bytes=held_bytes(kmin, kmax))

@@ -1,5 +1,6 @@
-"""On CUDA: page-sparse decode and Quest's page bounds (Triton) against their references and
-against SDPA over the gathered rows, at the 8B shape (32 q / 8 kv heads, d 128); and the sparse
+"""On CUDA: page-sparse decode, Quest's page bounds and the page selection (Triton) against
+their references (the selection also against torch.topk's set), and against SDPA over the
+gathered rows, at the 8B shape (32 q / 8 kv heads, d 128); and the sparse
 family inside a model (a small random Llama in float16): every page read equals the full
 cache, and the Triton path equals the reference path step for step."""
 
@@ -88,6 +89,67 @@ def test_page_bounds_match_reference_and_bound_every_page(pool):
     assert (got >= best - 2e-2).all()
 
 
+@pytest.mark.parametrize("n", [37, 512, 2048, 8192, 16384])
+def test_page_select_is_topks_set_and_equals_its_reference(n):
+    from kvlens_kernels.page_select import page_select_reference, page_select_triton
+
+    g = torch.Generator(device="cuda").manual_seed(n)
+    bounds = torch.randn(8, 8, n, device="cuda", generator=g) * 40  # distinct in practice
+    for k in sorted({1, max(1, n // 16), n - 1, n, n + 5}):
+        got = page_select_triton(bounds, k)
+        top = torch.topk(bounds, min(k, n), dim=-1).indices.sort(-1).values
+        assert torch.equal(got.long(), top), k
+        for probes in (1, 8):
+            assert torch.equal(page_select_triton(bounds, k, probes=probes), got)
+    ties = torch.randint(0, 5, (8, 8, n), device="cuda", generator=g).float()
+    for k in (1, max(1, n // 16), n):
+        for force_last in (False, True):
+            want = page_select_reference(ties, k, force_last=force_last)
+            assert torch.equal(page_select_triton(ties, k, force_last=force_last), want)
+
+
+def test_top_pages_on_cuda_equals_top_with():
+    from methods.sparse.base import top_pages, top_with
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    scores = torch.randn(8, 3000, device="cuda", generator=g)
+    last = torch.zeros(3000, dtype=torch.bool, device="cuda")
+    last[-1] = True
+    for k in (1, 187, 3000):
+        got = top_pages(scores, k, last=True)
+        for h in range(8):
+            assert torch.equal(got[h], top_with(scores[h], k, last))
+
+
+@pytest.mark.parametrize("bsz", [1, 8])
+@pytest.mark.parametrize("page", [16, 64])
+def test_quest_step_with_the_triton_selection_equals_the_reference(bsz, page):
+    from kvlens_kernels.page_bounds import page_bounds_reference, page_bounds_triton
+    from kvlens_kernels.page_decode import page_decode_reference, page_decode_triton
+    from kvlens_kernels.page_select import page_select_reference, page_select_triton
+
+    g = torch.Generator(device="cuda").manual_seed(bsz + page)
+    t = 16384
+    q = torch.randn(bsz, 32, 128, device="cuda", dtype=torch.float16, generator=g)
+    k = torch.randn(bsz, 8, t, 128, device="cuda", dtype=torch.float16, generator=g)
+    v = torch.randn(bsz, 8, t, 128, device="cuda", dtype=torch.float16, generator=g)
+    grouped = k.view(bsz, 8, t // page, page, 128)
+    kmin, kmax = grouped.amin(3), grouped.amax(3)
+    lengths = torch.full((bsz, 8), t, device="cuda")
+    n_sel = t // page // 16
+    counts = torch.full((bsz, 8), n_sel, device="cuda")
+    pages = page_select_triton(page_bounds_triton(q, kmin, kmax), n_sel)
+    got = page_decode_triton(
+        q, k, v, lengths, pages, counts, page_size=page, scale=128**-0.5, max_pages=n_sel
+    )
+    ref_pages = page_select_reference(page_bounds_reference(q, kmin, kmax), n_sel)
+    # the float32 bounds of the two paths differ by rounding: near the k-th they may swap
+    agree = (pages[..., None] == ref_pages[..., None, :]).any(-1).float().mean()
+    assert agree > 0.99
+    want = page_decode_reference(q, k, v, lengths, pages, counts, page_size=page, scale=128**-0.5)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
+
+
 @pytest.fixture(scope="module")
 def llama():
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -150,6 +212,7 @@ def test_every_page_read_on_cuda_is_the_full_cache(llama, tokens, spec):
 @pytest.mark.parametrize("spec", ["quest:budget=128", "random_pages:budget=128"])
 def test_the_triton_path_equals_the_reference_path(llama, tokens, spec, monkeypatch):
     import kvlens_kernels.page_decode as page_decode
+    import kvlens_kernels.page_select as page_select
 
     ids, follow = tokens
     fast, cache = _forced(llama, spec, ids, follow)
@@ -157,6 +220,7 @@ def test_the_triton_path_equals_the_reference_path(llama, tokens, spec, monkeypa
     read = sum(r[1] for r in last.reads) / len(last.reads)
     assert read < last.nbytes() / 4  # the sparse layer read a part
     monkeypatch.setattr(page_decode, "kernel_applies", lambda q, d: False)
+    monkeypatch.setattr(page_select, "kernel_applies", lambda bounds: False)  # top_with
     slow, cache_ref = _forced(llama, spec, ids, follow)
     torch.testing.assert_close(fast, slow, atol=2e-2, rtol=0)
     # the same rows read (a near tie of scores may flip after 16-bit rounding differences)
