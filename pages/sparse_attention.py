@@ -9,7 +9,13 @@ import streamlit as st
 from app import background, figures, sparse_figures, state
 from methods.registry import available
 
-DEFAULTS = ["oracle", "quest", "squeezed", "random_pages"]
+#: the ceiling first, the baseline last; every other sparse method between, in registry order
+FIRST, LAST = "oracle", "random_pages"
+
+
+def _ordered(names: list[str]) -> list[str]:
+    middle = [n for n in names if n not in (FIRST, LAST)]
+    return [n for n in (FIRST, *middle, LAST) if n in names]
 
 
 def _run(trace, names: list[str], budgets: list[int], max_new: int) -> None:
@@ -44,14 +50,15 @@ def render() -> None:
         f"decoding step, run live on the current prompt ({trace.n_prompt_tokens} tokens): how "
         "much of the true attention each selection holds, against how much it reads."
     )
-    sparse = [n for n, cls in available().items() if cls.family == "sparse"]
+    registry = available()
+    sparse = _ordered([n for n, cls in registry.items() if cls.family == "sparse"])
     names = st.multiselect(
         "methods",
         sparse,
-        default=[n for n in DEFAULTS if n in sparse],
+        default=sparse,
         key="sp_methods",
-        help="oracle: the true top tokens (the ceiling); random_pages: the baseline; quest: "
-        "page bounds; squeezed: key clusters; shadowkv: low-rank keys, chunk landmarks",
+        help="every sparse method is chosen to start with; "
+        + "; ".join(f"{n}: {registry[n].summary}" for n in sparse),
     )
     c1, c2 = st.columns(2)
     budgets_text = c1.text_input(

@@ -67,3 +67,18 @@ def test_a_run_draws_every_view_and_each_control_explains_itself(trace, tmp_path
     at.session_state["trace_id"] = "t2"
     at.run()
     assert any("choose methods and budgets" in i.value for i in at.info)
+
+
+def test_every_sparse_method_is_chosen_at_first_and_explained(trace, tmp_path, monkeypatch):
+    from methods.registry import available
+
+    monkeypatch.chdir(tmp_path)
+    at = AppTest.from_string(PAGE, default_timeout=60)
+    at.session_state["trace"], at.session_state["trace_id"] = trace, "t1"
+    at.session_state["trace_label"] = "test"
+    at.run()
+    chooser = at.multiselect(key="sp_methods")
+    sparse = {n for n, cls in available().items() if cls.family == "sparse"}
+    assert set(chooser.value) == sparse
+    assert chooser.value[0] == "oracle" and chooser.value[-1] == "random_pages"
+    assert all(f"{n}: " in chooser.help for n in sparse)
