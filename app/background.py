@@ -5,7 +5,9 @@ script freezes the page until it ends. A job runs the work in a thread of its ow
 The page draws the job's progress in a fragment that reruns every second on its own (the rest
 of the page stays usable meanwhile), with a Cancel button; when the job ends, the whole page
 reruns once and the result is handed to the page, which stores it under the trace the job was
-started for (``app.state``): a job of an older trace is dropped, never shown.
+started for (``app.state``): a job of an older trace is dropped, never shown. Work that does
+not come from the current trace (a probe, which makes a new one; a sweep) is started with
+``for_trace=False`` and is handed over whatever trace is current when it ends.
 
 Progress and cancel reach into the model run without the methods knowing: each layer's
 attention module gets a forward pre-hook (once per model) that, inside a job's thread only,
@@ -40,6 +42,7 @@ class Job:
     kind: str
     trace_id: str | None
     layer_calls: int  # expected layer calls of the whole job, for the progress fraction
+    for_trace: bool = True  # dropped when another trace becomes the current one
     text: str = "starting ..."
     calls: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -96,16 +99,25 @@ def job(kind: str) -> Job | None:
     return _jobs().get(kind)
 
 
-def start(kind: str, work: Callable[[Job], Any], model=None, layer_calls: int = 0) -> Job:
+def start(
+    kind: str,
+    work: Callable[[Job], Any],
+    model=None,
+    layer_calls: int = 0,
+    for_trace: bool = True,
+) -> Job:
     """Run ``work(job)`` in a thread; a running job of the same kind is cancelled first.
     Without a ``model`` (work that runs no model, e.g. UMAP) progress is the elapsed time and
-    Cancel drops the result at once (the work itself cannot be stopped midway)."""
+    Cancel drops the result at once (the work itself cannot be stopped midway).
+    ``for_trace=False``: the work does not come from the current trace, so a new trace
+    meanwhile does not drop it. ``work`` runs outside the script: it must not use
+    ``st.session_state`` (read what it needs before, store the result in ``panel``)."""
     old = job(kind)
     if old is not None and not old.done:
         old.stop.set()
     if model is not None:
         install_hooks(model)
-    new = Job(kind=kind, trace_id=state.trace_id(), layer_calls=layer_calls)
+    new = Job(kind=kind, trace_id=state.trace_id(), layer_calls=layer_calls, for_trace=for_trace)
 
     def run() -> None:
         _CURRENT.set(new)
@@ -141,7 +153,7 @@ def panel(kind: str, store: Callable[[Any], None]) -> bool:
     j = job(kind)
     if j is None:
         return False
-    if j.trace_id != state.trace_id():  # started for another trace: never shown
+    if j.for_trace and j.trace_id != state.trace_id():  # started for another trace: never shown
         j.stop.set()
         _jobs().pop(kind, None)
         return False
