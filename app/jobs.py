@@ -15,7 +15,55 @@ from probes import capture
 from probes.capture import tokenize
 from probes.errors import KvlensError
 from probes.models import model_facts
-from probes.tasks import make_task, needle_token_positions, repeated_random_tokens
+from probes.tasks import Task, make_task, needle_token_positions, repeated_random_tokens
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as the one line the app shows for it."""
+    if isinstance(exc, KvlensError):
+        return str(exc)
+    return f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+def probe(
+    model,
+    tokenizer,
+    text,
+    *,
+    attention: str,
+    generate: int,
+    task: Task | None = None,
+    save: Callable | None = None,
+    say: Callable[[str], None] | None = None,
+) -> dict:
+    """A probe of ``text`` (a prompt, or ``task``'s prompt) as the app runs it: the trace, the
+    task, and the dump ``save(trace, task)`` wrote it to (its name) or why saving failed (a
+    trace that took minutes is kept even when it cannot be saved). ``say`` gets progress."""
+    n_layers = model.config.num_hidden_layers
+    calls = {"n": 0}
+
+    def progress(layer: int) -> None:
+        forward = calls["n"] // n_layers
+        calls["n"] += 1
+        if say is None:
+            return
+        if forward == 0:
+            say(f"probing: layer {layer + 1} of {n_layers}")
+        else:
+            say(f"probing: generating token {forward} of {generate}")
+
+    trace = capture(
+        model, tokenizer, text, attention=attention, generate=generate, progress=progress
+    )
+    dump, save_error = None, None
+    if save is not None:
+        if say is not None:
+            say("saving the trace in cache_dumps/")
+        try:
+            dump = save(trace, task)
+        except Exception as exc:  # the trace is shown all the same
+            save_error = f"not saved: {one_line(exc)}"
+    return {"trace": trace, "task": task, "dump": dump, "save_error": save_error}
 
 
 def find_retrieval_heads(

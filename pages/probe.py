@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import needle, state
+from app import background, needle, state
 from probes.models import DEFAULT_MODEL, EMBEDDED
 
 HELP = {
@@ -31,33 +31,42 @@ HELP = {
 
 
 def _run_probe(model_name: str, text, attention: str, generate: int, task=None) -> None:
-    from probes import capture
+    """Start the probe as a background job (progress and Cancel in the page); its trace
+    becomes the current one when it ends, and the current trace stays until then."""
+    from app.jobs import probe
 
     model, tokenizer = state.model(model_name)
-    n_layers = model.config.num_hidden_layers
-    bar = st.progress(0.0, text="probing ...")
-    calls = {"n": 0}
-    total = n_layers * (1 + generate)
 
-    def progress(_layer: int) -> None:
-        calls["n"] += 1
-        bar.progress(
-            min(1.0, calls["n"] / total), text=f"probing: layer {calls['n'] % n_layers or n_layers}"
+    def work(job):
+        result = probe(
+            model,
+            tokenizer,
+            text,
+            attention=attention,
+            generate=generate,
+            task=task,
+            save=state.autosave,
+            say=job.say,
         )
+        return {**result, "model_name": model_name}
 
-    trace = capture(
-        model, tokenizer, text, attention=attention, generate=generate, progress=progress
-    )
-    bar.empty()
-    label = f"{model_name}, {trace.n_tokens} tokens" + (f", {task.kind}" if task else "")
-    dump = state.guarded(lambda: state.autosave(trace, task))
+    calls = model.config.num_hidden_layers * (1 + generate)
+    background.start("probe", work, model, calls, for_trace=False)
+
+
+def _store_probe(result: dict) -> None:
+    """The probe's trace becomes the current one (once: the job is handed over once)."""
+    trace, task, dump = result["trace"], result["task"], result["dump"]
+    label = f"{result['model_name']}, {trace.n_tokens} tokens" + (f", {task.kind}" if task else "")
     state.set_trace(trace, label, task=task, dump=dump)
-    st.session_state["model_name"] = model_name
+    st.session_state["model_name"] = result["model_name"]
     st.success(
         f"probed {trace.n_tokens} tokens in {trace.timings['total_s']:.2f} s "
         f"(attention: {trace.settings['attention']})"
         + (f"; saved as cache_dumps/{dump}" if dump else "")
     )
+    if result["save_error"]:
+        st.warning(result["save_error"])
 
 
 def _run_task(model_name, kind, length, depth, seed, attention, generate) -> None:
@@ -224,7 +233,8 @@ def render() -> None:
             "Run probe",
             type="primary",
             key="probe_run",
-            help="one forward pass (plus the generated tokens) recording attention and K/V",
+            help="one forward pass (plus the generated tokens) recording attention and K/V; "
+            "progress and Cancel show while it runs, the current trace stays until it ends",
         ):
             if source == "needle task":
                 state.guarded(
@@ -234,4 +244,5 @@ def render() -> None:
                 st.error("type a prompt first (or try the example above)")
             else:
                 state.guarded(lambda: _run_probe(model_name, text, attention, int(generate)))
+    background.panel("probe", _store_probe)
     _current_trace()

@@ -189,6 +189,7 @@ def test_lab_shows_output_as_text_and_never_a_previous_traces_result(smol, in_tm
     at.radio(key="probe_source").set_value("prompt")
     at.text_area(key="probe_prompt").input(passage(1)).run()
     at.button(key="probe_run").click().run()
+    _finish(at, "probe")
     assert not at.exception and not at.error
     second = at.session_state["trace"]
     assert second.n_tokens != first.n_tokens
@@ -229,6 +230,8 @@ def test_example_probe_labels_the_trace_at_once_and_survives_a_reload(in_tmp):
     assert not at.exception
     assert at.sidebar.caption[0].value == "no trace yet"
     at.button(key="probe_example_btn").click().run()
+    assert at.sidebar.caption[0].value == "no trace yet"  # the probe runs as a job
+    _finish(at, "probe")
     assert not at.exception and not at.error, [e.value for e in at.error]
     trace = at.session_state["trace"]
     assert at.sidebar.caption[0].value == f"trace: smollm2-135m, {trace.n_tokens} tokens, niah"
