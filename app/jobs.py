@@ -17,6 +17,9 @@ from probes.errors import KvlensError
 from probes.models import model_facts
 from probes.tasks import Task, make_task, needle_token_positions, repeated_random_tokens
 
+NEEDLE_NEW_TOKENS = 12  # tokens each needle prompt of find_retrieval_heads generates
+PROFILE_DEPTHS = (0.2, 0.5, 0.8)
+
 
 def one_line(exc: BaseException) -> str:
     """An exception as the one line the app shows for it."""
@@ -66,13 +69,24 @@ def probe(
     return {"trace": trace, "task": task, "dump": dump, "save_error": save_error}
 
 
+def retrieval_forwards(n_prompts: int, generate: int = NEEDLE_NEW_TOKENS) -> int:
+    """Forward passes of ``find_retrieval_heads`` with ``n_prompts`` needle prompts: each
+    prompt's prefill and generated tokens, then the repeated random sequence."""
+    return n_prompts * (1 + generate) + 1
+
+
+def head_profile_forwards(n_prompts: int) -> int:
+    """Forward passes of ``head_profile``: the retrieval detection, then a statistics probe."""
+    return retrieval_forwards(n_prompts) + 1
+
+
 def find_retrieval_heads(
     model,
     tokenizer,
     lengths: list[int] = (512, 1024, 2048),
     depths: list[float] = (0.1, 0.5, 0.9),
     seed: int = 0,
-    generate: int = 12,
+    generate: int = NEEDLE_NEW_TOKENS,
     period: int = 64,
     progress: Callable[[str], None] | None = None,
 ) -> pl.DataFrame:
@@ -109,7 +123,7 @@ def head_profile(
     model,
     tokenizer,
     lengths=(512, 1024),
-    depths=(0.2, 0.5, 0.8),
+    depths=PROFILE_DEPTHS,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> pl.DataFrame:

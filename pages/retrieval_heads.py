@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from app import figures, state
+from app import background, figures, state
 
 
 def render() -> None:
@@ -31,34 +31,11 @@ def render() -> None:
         "Detect retrieval heads",
         type="primary",
         key="rh_run_btn",
-        help="probes one needle prompt per length and depth, then a repeated random sequence",
+        help="probes one needle prompt per length and depth, then a repeated random sequence; "
+        "progress and Cancel show while it runs",
     ):
-
-        def run():
-            from app.jobs import find_retrieval_heads
-            from probes.errors import KvlensError
-
-            try:
-                ls = [int(x) for x in lengths.split(",") if x.strip()]
-                ds = [float(x) for x in depths.split(",") if x.strip()]
-            except ValueError:
-                raise KvlensError("lengths and depths are comma-separated numbers") from None
-            model, tokenizer = state.model(model_name)
-            bar = st.progress(0.0, text="needle probes ...")
-            total = len(ls) * len(ds) + 1
-            done = {"n": 0}
-
-            def progress(name: str) -> None:
-                done["n"] += 1
-                bar.progress(min(1.0, done["n"] / total), text=name)
-
-            scores = find_retrieval_heads(
-                model, tokenizer, ls, ds, seed=int(seed), progress=progress
-            )
-            st.session_state.setdefault("retrieval", {})[model_name] = scores
-            bar.empty()
-
-        state.guarded(run)
+        state.guarded(lambda: _detect(model_name, lengths, depths, int(seed)))
+    background.panel("retrieval", _store_scores)
     scores = st.session_state.get("retrieval", {}).get(model_name)
     if scores is None:
         st.info(f"run the detection to see the scores of {model_name}")
@@ -99,10 +76,61 @@ def render() -> None:
             "Bright heads are the ones head-aware methods (Razor, Duo) keep whole."
         )
         st.dataframe(scores.sort(measure, descending=True).head(10), hide_index=True)
-    _profiles_section()
+    _profiles_section(lengths, depths, int(seed))
 
 
-def _profiles_section() -> None:
+def _needles(lengths: str, depths: str) -> tuple[list[int], list[float]]:
+    from probes.errors import KvlensError
+
+    try:
+        ls = [int(x) for x in lengths.split(",") if x.strip()]
+        ds = [float(x) for x in depths.split(",") if x.strip()]
+    except ValueError:
+        raise KvlensError("lengths and depths are comma-separated numbers") from None
+    if not ls or not ds:
+        raise KvlensError("give at least one needle length and one depth")
+    return ls, ds
+
+
+def _detect(model_name: str, lengths: str, depths: str, seed: int) -> None:
+    """Start the detection as a background job (progress and Cancel in the page)."""
+    from app.jobs import find_retrieval_heads, retrieval_forwards
+
+    ls, ds = _needles(lengths, depths)
+    model, tokenizer = state.model(model_name)
+
+    def work(job):
+        scores = find_retrieval_heads(model, tokenizer, ls, ds, seed=seed, progress=job.say)
+        return {"model": model_name, "scores": scores}
+
+    calls = retrieval_forwards(len(ls) * len(ds)) * model.config.num_hidden_layers
+    background.start("retrieval", work, model, calls)
+
+
+def _store_scores(result: dict) -> None:
+    """Scores describe the model, not one prompt: kept per model for this session, so two
+    models can be shown side by side; the job itself is dropped if the trace changes."""
+    st.session_state.setdefault("retrieval", {})[result["model"]] = result["scores"]
+
+
+def _profile(model_name: str, lengths: str, depths: str, seed: int, path) -> None:
+    """Start the head profile as a background job; it is written to ``path`` when done."""
+    from app.jobs import head_profile, head_profile_forwards
+
+    ls, ds = _needles(lengths, depths)
+    model, tokenizer = state.model(model_name)
+
+    def work(job):
+        profile = head_profile(model, tokenizer, ls, ds, seed=seed, progress=job.say)
+        job.say("saving the profile")
+        profile.write_parquet(path)
+        return path.name
+
+    calls = head_profile_forwards(len(ls) * len(ds)) * model.config.num_hidden_layers
+    background.start("profile", work, model, calls)
+
+
+def _profiles_section(lengths: str, depths: str, seed: int) -> None:
     from analysis.head_profiles import MEASURES, compare_profiles, read_profile, type_shares
 
     st.header("Head profiles")
@@ -111,22 +139,18 @@ def _profiles_section() -> None:
     if st.button(
         f"Compute and save the profile of {model_name}",
         key="hp_make_btn",
-        help="retrieval, echo/induction, sink, locality and entropy per head, saved in "
-        "cache_dumps/profiles/ to compare models",
+        help="retrieval, echo/induction, sink, locality and entropy per head from the needle "
+        "lengths, depths and seed above, saved in cache_dumps/profiles/ to compare models; "
+        "progress and Cancel show while it runs",
     ):
 
         def make():
-            from app.jobs import head_profile
-
-            model, tokenizer = state.model(model_name)
-            with st.spinner("probing needles, repeated tokens and statistics ..."):
-                profile = head_profile(model, tokenizer, (256, 512))
             folder.mkdir(parents=True, exist_ok=True)
             path = state.safe_dump_path("profiles") / f"{model_name.replace('/', '_')}.parquet"
-            profile.write_parquet(path)
-            st.success(f"saved {path.name}")
+            _profile(model_name, lengths, depths, seed, path)
 
         state.guarded(make)
+    background.panel("profile", lambda name: st.success(f"saved {name}"))
     files = sorted(p.name for p in folder.glob("*.parquet")) if folder.is_dir() else []
     if not files:
         st.caption(
