@@ -7,6 +7,7 @@ hand the traces to ``analysis``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import polars as pl
 
@@ -204,3 +205,40 @@ def reuse_result(
         "answer": task.answers[0],
         "answer_chunks": task.answer_chunks,
     }
+
+
+def sweep_grid(
+    model: str, tasks: list[str], methods: str, length: int, seeds: int, new_tokens: int
+):
+    """The grid of a small sweep started in the app: one model and length, method specs
+    separated by commas (``methods.sweep.Grid`` checks the rest)."""
+    from methods.registry import split_specs
+    from methods.sweep import Grid
+
+    if not tasks:
+        raise KvlensError("choose at least one task")
+    return Grid(
+        models=[model],
+        methods=split_specs(methods),
+        tasks=list(tasks),
+        lengths=[int(length)],
+        seeds=int(seeds),
+        max_new_tokens=int(new_tokens),
+    )
+
+
+def sweep_forwards(grid, out: Path, tokenizer) -> int:
+    """Forward passes, at most, of what a sweep of ``grid`` still has to run into the table at
+    ``out`` (rows already there are skipped): per example, the full cache's steps, each
+    method's prefill and two runs of its steps, and every run's continuation (as in
+    ``methods.evaluate.compare``). The progress of a sweep started in the app."""
+    from methods.sweep import pending_units, read_table
+
+    new = grid.max_new_tokens
+    total = 0
+    for (_model, kind, length, seed), specs in pending_units(grid, read_table(Path(out))):
+        methods = sum(s != "full" for s in specs)
+        task = make_task(kind, length, tokenizer, seed=seed)
+        cont = len(tokenizer(task.continuation, add_special_tokens=False)["input_ids"])
+        total += new + methods * (2 * new - 1) + (methods + 1) * max(0, cont - 1)
+    return total

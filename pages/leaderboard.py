@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import figures, state
+from app import background, figures, state
 from probes.models import DEFAULT_MODEL, EMBEDDED
 from probes.tasks import TASK_KINDS
 
@@ -51,43 +51,43 @@ def _sweep_form(folder) -> None:
         if st.button(
             "Run sweep",
             key="lb_run_btn",
-            help="rows already in the table are kept; rerun to resume",
+            help="rows already in the table are kept; rerun to resume. Progress and Cancel "
+            "show while it runs; a cancelled sweep keeps the rows it finished",
         ):
+            state.guarded(lambda: _start(model, tasks, methods, length, seeds, new, name))
 
-            def run():
-                from methods.registry import split_specs
-                from methods.sweep import Grid, sweep
 
-                if not tasks:
-                    raise ValueError("choose at least one task")
-                grid = Grid(
-                    models=[model],
-                    methods=split_specs(methods),
-                    tasks=list(tasks),
-                    lengths=[int(length)],
-                    seeds=int(seeds),
-                    max_new_tokens=int(new),
-                )
-                out = (
-                    state.safe_dump_path(FOLDER_NAME) / f"{state.safe_dump_path(name).name}.parquet"
-                )
-                bar = st.progress(0.0, text="sweep ...")
+def _start(model_name: str, tasks, methods: str, length, seeds, new, name: str) -> None:
+    """Start the sweep as a background job (progress and Cancel in the page); it does not
+    come from the current trace, so a new probe meanwhile leaves it running."""
+    from app.jobs import sweep_forwards, sweep_grid
+    from methods.sweep import sweep
 
-                def progress(done: int, total: int) -> None:
-                    bar.progress(min(1.0, done / max(1, total)), text=f"{done} of {total} rows")
+    grid = sweep_grid(model_name, tasks, methods, length, seeds, new)
+    out = state.safe_dump_path(FOLDER_NAME) / f"{state.safe_dump_path(name).name}.parquet"
+    model, tokenizer = state.model(model_name)
 
-                sweep(grid, out, progress=progress)
-                bar.empty()
-                st.session_state["lb_file"] = out.name
-                st.success(f"saved {out.name}")
+    def work(job):
+        def progress(done: int, total: int) -> None:
+            job.say(f"{done} of {total} rows")
 
-            state.guarded(run)
+        sweep(grid, out, progress=progress)
+        return out.name
+
+    calls = sweep_forwards(grid, out, tokenizer) * model.config.num_hidden_layers
+    background.start("sweep", work, model, calls, for_trace=False)
+
+
+def _store(name: str) -> None:
+    st.session_state["lb_file"] = name
+    st.success(f"saved {name}")
 
 
 def render() -> None:
     st.title("Leaderboard")
     folder = state.DUMPS / FOLDER_NAME
     _sweep_form(folder)
+    background.panel("sweep", _store)  # outside the form's expander, which may fold meanwhile
     files = sorted(p.name for p in folder.glob("*.parquet")) if folder.is_dir() else []
     if not files:
         st.info("no sweep tables yet in cache_dumps/sweeps/: start one above")

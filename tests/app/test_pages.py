@@ -269,6 +269,7 @@ def test_leaderboard_runs_a_small_sweep_and_lists_its_table(in_tmp):
     at.text_input(key="lb_name").input("tiny").run()
     assert "--methods streamingllm:budget=32" in " ".join(c.value for c in at.caption)
     at.button(key="lb_run_btn").click().run()
+    _finish(at, "sweep")
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert (in_tmp / "cache_dumps" / "sweeps" / "tiny.parquet").is_file()
     assert at.selectbox(key="lb_file").value == "tiny.parquet"
