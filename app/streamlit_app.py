@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import state
+from app import background, state
 from pages import (
     attention,
     chunk_reuse,
@@ -43,6 +43,12 @@ with st.sidebar:
     label = st.empty()
     state.compare_picker()
 label.caption(state.trace_label())
+finished = background.job("probe")
+if finished is not None and finished.done and page.url_path not in ("start", "probe", ""):
+    # a probe that ended while the user was on another page becomes the current trace here,
+    # before this page draws (the Probe page hands it over itself)
+    background.panel("probe", probe.store_probe)
+    label.caption(state.trace_label())
 page.run()
 # the page may have made a new trace: the label is written again after it ran
 label.caption(state.trace_label())

@@ -54,7 +54,7 @@ def _run_probe(model_name: str, text, attention: str, generate: int, task=None) 
     background.start("probe", work, model, calls, for_trace=False)
 
 
-def _store_probe(result: dict) -> None:
+def store_probe(result: dict) -> None:
     """The probe's trace becomes the current one (once: the job is handed over once)."""
     trace, task, dump = result["trace"], result["task"], result["dump"]
     label = f"{result['model_name']}, {trace.n_tokens} tokens" + (f", {task.kind}" if task else "")
@@ -244,5 +244,5 @@ def render() -> None:
                 st.error("type a prompt first (or try the example above)")
             else:
                 state.guarded(lambda: _run_probe(model_name, text, attention, int(generate)))
-    background.panel("probe", _store_probe)
+    background.panel("probe", store_probe)
     _current_trace()

@@ -114,6 +114,24 @@ def test_a_finished_probe_becomes_the_current_trace_once(trace, in_tmp):
     assert at.sidebar.caption[0].value == f"trace: smollm2-135m, {new.n_tokens} tokens"
 
 
+def test_a_probe_that_ends_while_another_page_is_open_becomes_current_there(trace, in_tmp):
+    at = _probe_app(trace, generate=2)
+    job = _job(at, "probe")
+    # AppTest's switch_page takes page files; kvlens' pages are functions: open by url path
+    pages = {i["url_pathname"]: h for h, i in at._registered_pages.items()}
+    at._page_hash = pages["attention"]
+    at.run()
+    assert at.title[0].value == "Attention" and _job(at, "probe") is job  # still running
+    job.thread.join(120)
+    at.run()  # the Attention page is open: the finished probe is handed over here
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    new = at.session_state["trace"]
+    assert new is not trace and at.session_state["trace_id"] != "t1"
+    assert at.sidebar.caption[0].value == f"trace: smollm2-135m, {new.n_tokens} tokens"
+    assert at.title[0].value == "Attention"
+    assert _job(at, "probe") is None
+
+
 def test_a_failed_probe_says_why_in_one_line_and_keeps_the_trace(trace, in_tmp):
     at = _probe_app(trace, generate=0, prompt="word " * 9000)  # more than 8192 positions
     _job(at, "probe").thread.join(120)
