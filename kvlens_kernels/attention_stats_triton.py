@@ -392,8 +392,12 @@ def attention_stats_fast(
         "sliding_window": sliding_window,
     }
     got = None
+    # the fused kernels are 16-bit kernels: a float32 call (the CPU's dtype, run on a GPU) goes
+    # to the Triton passes (cuDNN took float32 inputs on an H100 and returned non-finite
+    # outputs, torch 2.11)
+    sixteen_bit = q.dtype in (torch.float16, torch.bfloat16)
     if lse_source == "sdpa" or (
-        lse_source == "auto" and q.is_cuda and not sliding_window and tq == tk
+        lse_source == "auto" and q.is_cuda and sixteen_bit and not sliding_window and tq == tk
     ):
         got = _sdpa_with_lse(q, k, v, scale)
     if got is None:

@@ -128,3 +128,19 @@ def test_probe_on_gpu_equals_probe_on_cpu():
         b.query_stats.sort("layer", "head", "position"),
     )
     assert (qa["entropy"] - qb["entropy"]).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_float32_through_the_dispatcher_matches_reference(d):
+    """A float32 model on the GPU (the CPU's dtype) takes the dispatched path too: its output
+    and statistics are finite and equal the reference."""
+    from kvlens_kernels.attention_stats import attention_stats_reference, attention_with_stats
+
+    q, k, v = _inputs(9, 3, 1024, d, torch.float32, seed=d)
+    kw = {"scale": d**-0.5, "window": 32}
+    out, st = attention_with_stats(q, k, v, **kw)
+    ref_out, ref = attention_stats_reference(q, k, v, **kw)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref_out, atol=1e-2, rtol=1e-2)
+    for name in ROW_STATS + ("received", "window"):
+        torch.testing.assert_close(getattr(st, name), getattr(ref, name), atol=5e-3, rtol=5e-3)
