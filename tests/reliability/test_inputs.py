@@ -44,9 +44,18 @@ def test_the_app_shows_a_refused_probe_and_stays_up(monkeypatch, tmp_path):
     at.text_area(key="probe_prompt").input(passage(125))  # about 8000 tokens
     at.selectbox(key="probe_attention").select("full")
     at.button(key="probe_run").click().run()
+    _finish_probe(at)  # the probe runs as a background job: its refusal shows when it ends
     assert not at.exception
     assert any("GiB" in e.value and "--attention stats" in e.value for e in at.error)
     at.text_area(key="probe_prompt").input("A short prompt after the refusal.")
     at.selectbox(key="probe_attention").select("stats")
     at.button(key="probe_run").click().run()
+    _finish_probe(at)
     assert not at.exception and any("probed" in s.value for s in at.success)
+
+
+def _finish_probe(at) -> None:
+    job = at.session_state["jobs"].get("probe") if "jobs" in at.session_state else None
+    if job is not None:
+        job.thread.join(300)
+    at.run()
