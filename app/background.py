@@ -28,7 +28,7 @@ import streamlit as st
 
 from app import state
 from probes.attention import attention_modules
-from probes.errors import KvlensError
+from probes.errors import KvlensError, one_line
 
 POLL_S = 1.0  # how often the progress fragment redraws
 
@@ -130,7 +130,7 @@ def start(
         except MemoryError:
             new.error = "out of memory: try a shorter prompt or fewer new tokens"
         except Exception as exc:  # shown as one line, like state.guarded
-            new.error = f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}"
+            new.error = one_line(exc)
         finally:
             new.ended = time.perf_counter()
 

@@ -14,19 +14,12 @@ import polars as pl
 from analysis.retrieval_heads import echo_induction_scores, retrieval_scores
 from probes import capture
 from probes.capture import tokenize
-from probes.errors import KvlensError
+from probes.errors import KvlensError, one_line
 from probes.models import model_facts
 from probes.tasks import Task, make_task, needle_token_positions, repeated_random_tokens
 
 NEEDLE_NEW_TOKENS = 12  # tokens each needle prompt of find_retrieval_heads generates
 PROFILE_DEPTHS = (0.2, 0.5, 0.8)
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as the one line the app shows for it."""
-    if isinstance(exc, KvlensError):
-        return str(exc)
-    return f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}"
 
 
 def probe(

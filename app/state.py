@@ -18,7 +18,7 @@ from typing import Any
 
 import streamlit as st
 
-from probes.errors import KvlensError
+from probes.errors import KvlensError, one_line
 
 DUMPS = Path("cache_dumps")
 RECENT_PREFIX = "recent-"
@@ -116,7 +116,7 @@ def guarded(fn: Callable[[], Any]) -> Any:
     except MemoryError:
         st.error("out of memory: try a shorter prompt, fewer layers or statistics only")
     except Exception as exc:  # the app must stay up whatever a run does
-        st.error(f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}")
+        st.error(one_line(exc))
     return None
 
 

@@ -16,3 +16,11 @@ class KvlensError(Exception):
 
 class DumpError(KvlensError):
     """A dump folder that is missing, damaged, foreign or from an unknown schema."""
+
+
+def one_line(exc: BaseException) -> str:
+    """Any exception as the one line a user is shown: a KvlensError's own message, anything
+    else its type and the first 300 characters of its message on one line."""
+    if isinstance(exc, KvlensError):
+        return str(exc)
+    return f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}"
