@@ -161,7 +161,7 @@ def test_a_new_user_walks_through_the_app(server, browser, tmp_path):
     page.get_by_role("textbox", name="prompt").blur()
     page.wait_for_timeout(1000)
     page.get_by_role("link", name="Attention", exact=True).click()
-    page.get_by_text("No trace yet").wait_for(timeout=90_000)
+    page.get_by_text("No trace yet: run a probe").wait_for(timeout=90_000)
     page.get_by_role("link", name="Probe", exact=True).click()
     page.get_by_role("button", name="Run probe").wait_for(timeout=90_000)
     assert page.get_by_role("textbox", name="prompt").input_value() == prompt
