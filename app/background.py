@@ -140,6 +140,13 @@ def start(
     return new
 
 
+def cancel(kind: str) -> None:
+    """Stop the job of ``kind`` and forget it: nothing of it is handed to the page."""
+    j = _jobs().pop(kind, None)
+    if j is not None:
+        j.stop.set()
+
+
 def wait(kind: str, timeout: float | None = None) -> None:
     """Block until the job of ``kind`` ends (tests and scripts)."""
     j = job(kind)

@@ -115,7 +115,7 @@ def _open_section(source: str) -> None:
             return
         name = st.selectbox("dump", names, key="probe_dump", help="folders in cache_dumps/")
         if st.button("Open dump", key="probe_open_btn", help="load it as the current trace"):
-            state.guarded(lambda: state.open_dump(name))
+            _open(name)
 
 
 def _recent_section() -> None:
@@ -135,7 +135,14 @@ def _recent_section() -> None:
             help="every probe is saved here; the newest few are kept",
         )
         if st.button("Reopen", key="recent_open_btn", help="load it as the current trace"):
-            state.guarded(lambda: state.open_dump(name))
+            _open(name)
+
+
+def _open(name: str) -> None:
+    """Open a dump as the current trace; a probe still running is stopped, so it cannot
+    replace the trace the user chose after it started."""
+    background.cancel("probe")
+    state.guarded(lambda: state.open_dump(name))
 
 
 def _current_trace() -> None:

@@ -132,6 +132,25 @@ def test_a_probe_that_ends_while_another_page_is_open_becomes_current_there(trac
     assert _job(at, "probe") is None
 
 
+def test_opening_a_dump_while_a_probe_runs_stops_the_probe(trace, in_tmp):
+    at = _probe_app(trace, generate=2)  # a first probe, auto-saved as a recent dump
+    _job(at, "probe").thread.join(120)
+    at.run()
+    saved = at.session_state["trace"]
+    at.text_area(key="probe_prompt").input(passage(1))
+    at.number_input(key="probe_generate").set_value(256).run()
+    at.button(key="probe_run").click().run()
+    job = _job(at, "probe")
+    assert job is not None and not job.done
+    at.button(key="recent_open_btn").click().run()  # the user opens the saved trace meanwhile
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert job.stop.is_set() and _job(at, "probe") is None
+    job.thread.join(120)
+    at.run()
+    assert at.session_state["trace"].token_ids == saved.token_ids  # the dump stays current
+    assert at.sidebar.caption[0].value.startswith("trace: dump recent-")
+
+
 def test_a_failed_probe_says_why_in_one_line_and_keeps_the_trace(trace, in_tmp):
     at = _probe_app(trace, generate=0, prompt="word " * 9000)  # more than 8192 positions
     _job(at, "probe").thread.join(120)
