@@ -161,8 +161,7 @@ def panel(kind: str, store: Callable[[Any], None]) -> bool:
     if j is None:
         return False
     if j.for_trace and j.trace_id != state.trace_id():  # started for another trace: never shown
-        j.stop.set()
-        _jobs().pop(kind, None)
+        cancel(kind)
         return False
     if j.done or j.stop.is_set():  # a cancelled job is over for the page at once
         _jobs().pop(kind, None)

@@ -220,18 +220,24 @@ def sweep_grid(
     )
 
 
+def compare_forwards(n_methods: int, max_new: int, continuation_tokens: int = 0) -> int:
+    """Forward passes, at most, of ``methods.evaluate.compare``: the full run's steps, each
+    method's prefill and two runs of its steps (the shared steps make it fewer), and every
+    run's continuation."""
+    return (
+        max_new + n_methods * (2 * max_new - 1) + (n_methods + 1) * max(0, continuation_tokens - 1)
+    )
+
+
 def sweep_forwards(grid, out: Path, tokenizer) -> int:
     """Forward passes, at most, of what a sweep of ``grid`` still has to run into the table at
-    ``out`` (rows already there are skipped): per example, the full cache's steps, each
-    method's prefill and two runs of its steps, and every run's continuation (as in
-    ``methods.evaluate.compare``). The progress of a sweep started in the app."""
+    ``out`` (rows already there are skipped): ``compare_forwards`` per example. The progress
+    of a sweep started in the app."""
     from methods.sweep import pending_units, read_table
 
-    new = grid.max_new_tokens
     total = 0
     for (_model, kind, length, seed), specs in pending_units(grid, read_table(Path(out))):
-        methods = sum(s != "full" for s in specs)
         task = make_task(kind, length, tokenizer, seed=seed)
         cont = len(tokenizer(task.continuation, add_special_tokens=False)["input_ids"])
-        total += new + methods * (2 * new - 1) + (methods + 1) * max(0, cont - 1)
+        total += compare_forwards(sum(s != "full" for s in specs), grid.max_new_tokens, cont)
     return total

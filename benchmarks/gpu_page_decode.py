@@ -121,6 +121,17 @@ def topk_pages(bounds: torch.Tensor, n_sel: int) -> torch.Tensor:
     return torch.topk(bounds, n_sel, dim=-1, sorted=False).indices
 
 
+def attend(
+    s: Inputs, pages: torch.Tensor, counts: torch.Tensor, page: int, n_sel: int, scale: float,
+    **launch,
+) -> torch.Tensor:  # fmt: skip
+    """Attention over the chosen pages only (the Triton page decode)."""
+    return page_decode_triton(
+        s.q, s.k, s.v, s.lengths, pages, counts, page_size=page, scale=scale, max_pages=n_sel,
+        **launch,
+    )  # fmt: skip
+
+
 def quest_step(
     s: Inputs, page: int, n_sel: int, counts: torch.Tensor, scale: float, select: Callable,
     **launch,
@@ -128,11 +139,7 @@ def quest_step(
     """Bounds -> top pages -> attention over those pages: one decode step's attention."""
     kmin, kmax = s.summaries[page]
     bounds = page_bounds_triton(s.q, kmin, kmax, pool="max")  # [B, Hkv, N_pages]
-    pages = select(bounds, n_sel)
-    return page_decode_triton(
-        s.q, s.k, s.v, s.lengths, pages, counts, page_size=page, scale=scale, max_pages=n_sel,
-        **launch,
-    )  # fmt: skip
+    return attend(s, select(bounds, n_sel), counts, page, n_sel, scale, **launch)
 
 
 def check(s: Inputs, page: int, n_sel: int, scale: float) -> str:
@@ -200,18 +207,7 @@ def main() -> None:
                     [partial(topk_pages, x, n_sel) for x in bounds],
                     [partial(page_select_triton, x, n_sel) for x in bounds],
                     [
-                        partial(
-                            page_decode_triton,
-                            s.q,
-                            s.k,
-                            s.v,
-                            s.lengths,
-                            f,
-                            counts,
-                            page_size=page,
-                            scale=scale,
-                            max_pages=n_sel,
-                        )  # fmt: skip
+                        partial(attend, s, f, counts, page, n_sel, scale)
                         for s, f in zip(sets, fixed)
                     ],
                 ]
@@ -276,16 +272,13 @@ def sweep(scale: float, fraction: float, n_sets: int) -> None:
         ):
             fns = [
                 partial(
-                    page_decode_triton,
-                    s.q,
-                    s.k,
-                    s.v,
-                    s.lengths,
+                    attend,
+                    s,
                     f,
                     counts,
-                    page_size=page,
-                    scale=scale,
-                    max_pages=n_sel,
+                    page,
+                    n_sel,
+                    scale,
                     block_n=block_n,
                     waves=waves,
                     num_warps=warps,

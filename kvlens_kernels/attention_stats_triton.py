@@ -393,7 +393,7 @@ def attention_stats_fast(
     }
     got = None
     # the fused kernels are 16-bit kernels: a float32 call (the CPU's dtype, run on a GPU) goes
-    # to the Triton passes (cuDNN took float32 inputs on an H100 and returned non-finite
+    # to the Triton passes (cuDNN took float32 inputs on an H200 and returned non-finite
     # outputs, torch 2.11)
     sixteen_bit = q.dtype in (torch.float16, torch.bfloat16)
     if lse_source == "sdpa" or (

@@ -82,6 +82,7 @@ def _score(expected: str):
 
 def _run(trace, specs: list[str], max_new: int, expected: str) -> None:
     """Start the comparison as a background job (progress and Cancel in the page)."""
+    from app.jobs import compare_forwards
     from methods.evaluate import compare
 
     model, tokenizer = state.model(st.session_state.get("model_name", "smollm2-135m"))
@@ -89,10 +90,7 @@ def _run(trace, specs: list[str], max_new: int, expected: str) -> None:
     score = _score(expected)
     prompt = trace.token_ids[: trace.n_prompt_tokens]
     cont = len(tokenizer(task.continuation, add_special_tokens=False)["input_ids"]) if task else 0
-    n_methods = len(specs) - 1
-    # forwards at most: the full run, each method's prefill and two runs of its steps, and
-    # the continuations; the shared steps make it fewer
-    forwards = max_new + n_methods * (2 * max_new - 1) + (n_methods + 1) * max(0, cont - 1)
+    forwards = compare_forwards(len(specs) - 1, max_new, cont)
 
     def work(job):
         done = {"n": 0}
