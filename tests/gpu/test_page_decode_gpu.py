@@ -1,8 +1,9 @@
 """On CUDA: page-sparse decode, Quest's page bounds and the page selection (Triton) against
 their references (the selection also against torch.topk's set), and against SDPA over the
-gathered rows, at the 8B shape (32 q / 8 kv heads, d 128); and the sparse
-family inside a model (a small random Llama in float16): every page read equals the full
-cache, and the Triton path equals the reference path step for step."""
+gathered rows, at the 8B shape (32 q / 8 kv heads, d 128); the two-launch step
+(``kvlens_kernels.page_step``) against the three-launch one, also replayed in a CUDA graph;
+and the sparse family inside a model (a small random Llama in float16): every page read equals
+the full cache, and the Triton path equals the reference path step for step."""
 
 from __future__ import annotations
 
@@ -148,6 +149,83 @@ def test_quest_step_with_the_triton_selection_equals_the_reference(bsz, page):
     assert agree > 0.99
     want = page_decode_reference(q, k, v, lengths, pages, counts, page_size=page, scale=128**-0.5)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)
+
+
+def _step_inputs(bsz, t, page, seed):
+    """The 8B shape in fp16; every other KV head 5 rows short of ``t`` (a partial last page),
+    and each page's key min / max over the rows it holds."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(bsz, 32, 128, device="cuda", dtype=torch.float16, generator=g)
+    k = torch.randn(bsz, 8, t, 128, device="cuda", dtype=torch.float16, generator=g)
+    v = torch.randn(bsz, 8, t, 128, device="cuda", dtype=torch.float16, generator=g)
+    lengths = torch.full((bsz, 8), t, device="cuda", dtype=torch.int32)
+    lengths[:, ::2] = t - 5
+    held = (torch.arange(t, device="cuda") < lengths[..., None])[..., None]
+    grouped = (bsz, 8, t // page, page, 128)
+    kmin = k.masked_fill(~held, float("inf")).view(grouped).amin(3)
+    kmax = k.masked_fill(~held, float("-inf")).view(grouped).amax(3)
+    return q, k, v, lengths, kmin, kmax
+
+
+@pytest.mark.parametrize("bsz", [1, 8])
+@pytest.mark.parametrize("page", [16, 64])
+def test_fused_step_equals_the_three_launch_step(bsz, page):
+    from kvlens_kernels.page_bounds import page_bounds_triton
+    from kvlens_kernels.page_decode import page_decode_reference, page_decode_triton
+    from kvlens_kernels.page_select import page_select_triton
+    from kvlens_kernels.page_step import page_step, page_step_triton, step_counters
+
+    t = 32768
+    q, k, v, lengths, kmin, kmax = _step_inputs(bsz, t, page, bsz * 1000 + page)
+    n_sel = t // page // 16
+    args = dict(page_size=page, scale=128**-0.5)
+    counters = step_counters(bsz, 8, "cuda")
+    for force_last in (False, True):
+        got = page_step_triton(
+            q, k, v, lengths, kmin, kmax, n_sel, force_last=force_last, counters=counters, **args
+        )
+        bounds = page_bounds_triton(q, kmin, kmax)
+        assert torch.equal(got.bounds, bounds)  # the same kernel: the same numbers
+        pages = page_select_triton(bounds, n_sel, force_last=force_last)
+        assert torch.equal(got.pages, pages)
+        if force_last:
+            assert (got.pages[..., -1] == t // page - 1).all()
+        counts = torch.full((bsz, 8), n_sel, device="cuda")
+        three = page_decode_triton(q, k, v, lengths, pages, counts, max_pages=n_sel, **args)
+        want = page_decode_reference(q, k, v, lengths, pages, counts, **args)
+        torch.testing.assert_close(got.out.float(), three.float(), atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(got.out.float(), want.float(), atol=2e-3, rtol=2e-3)
+        assert int(counters.abs().sum()) == 0  # every head's last program reset its counter
+    again = page_step(q, k, v, lengths, kmin, kmax, n_sel, force_last=True, **args)
+    # deterministic: whichever program combines a head, it sums the splits in one order
+    assert torch.equal(again.pages, got.pages) and torch.equal(again.out, got.out)
+
+
+def test_fused_step_replays_in_a_cuda_graph_and_reads_every_page_as_sdpa():
+    import torch.nn.functional as F
+
+    from kvlens_kernels.page_step import page_step_triton, step_counters
+
+    t, page = 32768, 16
+    sets = [_step_inputs(1, t, page, 40 + i) for i in range(2)]
+    counters = step_counters(1, 8, "cuda")
+    args = dict(page_size=page, scale=128**-0.5, counters=counters)
+    eager = [page_step_triton(*s, t // page // 16, **args) for s in sets]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = [page_step_triton(*s, t // page // 16, **args) for s in sets]
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    for e, r in zip(eager, replayed):
+        assert torch.equal(e.pages, r.pages) and torch.equal(e.out, r.out)
+    assert int(counters.abs().sum()) == 0
+    q, k, v, lengths, kmin, kmax = _step_inputs(1, 4096, page, 7)
+    lengths.fill_(4096)  # every row held; k >= N pages: the whole cache
+    every = page_step_triton(q, k, v, lengths, kmin, kmax, 10**6, **args)
+    assert every.pages.shape[-1] == 4096 // page
+    want = F.scaled_dot_product_attention(q[:, :, None], k, v, scale=128**-0.5, enable_gqa=True)
+    torch.testing.assert_close(every.out.float(), want[:, :, 0].float(), atol=2e-3, rtol=2e-3)
 
 
 @pytest.fixture(scope="module")
