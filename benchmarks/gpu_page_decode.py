@@ -7,7 +7,11 @@ minima and maxima (``kvlens_kernels.page_bounds``, Triton), the top pages per KV
 attention over only those pages (``kvlens_kernels.page_decode``, Triton, the splits combined by
 LSE). The top pages are chosen two ways, each timed alone and inside a whole step:
 ``torch.topk`` (unsorted) and the Triton selection ``kvlens_kernels.page_select`` (a search for
-the k-th bound over the row in registers, then a compaction). It reads 1/16 of the tokens
+the k-th bound over the row in registers, then a compaction). A third contender is the same
+step in two launches (``kvlens_kernels.page_step``: the bounds kernel, then one launch per
+(batch, KV head, split) that chooses the pages as ``page_select`` does, attends over its split of
+their rows, and whose last program per head combines the splits): columns "fused us" and its
+"x SDPA". It reads 1/16 of the tokens
 (``--fraction``) plus the page summaries (2 / page of the keys). The summaries are kept up to
 date as tokens arrive (one page's min/max per step), so they are inputs here, as the cache is.
 SDPA is timed with its default backend and, where they run, each forced backend.
@@ -21,10 +25,11 @@ step does (the model's other layers run in between); --sets 1 is the earlier, L2
 Bytes read are counted from the tensors each contender reads; '% copy' is that over time
 against this GPU's device-to-device copy rate measured here. Before timing, each
 configuration's output is checked against the reference (gather the selected rows, exact
-attention), and the Triton selection against torch.topk's set.
+attention), the Triton selection against torch.topk's set, and the fused step's pages against
+the three-launch step's (equal) and its output against the reference over them.
 
     python benchmarks/gpu_page_decode.py [--lengths 32768,131072] [--batches 1,8]
-        [--pages 16,64] [--fraction 0.0625] [--sets 4] [--sweep]
+        [--pages 16,64] [--fraction 0.0625] [--sets 4] [--sweep] [--no-table]
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 from kvlens_kernels.page_bounds import page_bounds_triton
 from kvlens_kernels.page_decode import page_decode_reference, page_decode_triton
 from kvlens_kernels.page_select import page_select_triton
+from kvlens_kernels.page_step import page_step_triton, step_counters
 
 HQ, HKV, D = 32, 8, 128
 BACKENDS = {
@@ -142,9 +148,22 @@ def quest_step(
     return attend(s, select(bounds, n_sel), counts, page, n_sel, scale, **launch)
 
 
+def fused_step(
+    s: Inputs, page: int, n_sel: int, scale: float, counters: torch.Tensor, **launch
+) -> torch.Tensor:
+    """The same step in two launches (``kvlens_kernels.page_step``): its output."""
+    kmin, kmax = s.summaries[page]
+    return page_step_triton(
+        s.q, s.k, s.v, s.lengths, kmin, kmax, n_sel, page_size=page, scale=scale,
+        counters=counters, **launch,
+    ).out  # fmt: skip
+
+
 def check(s: Inputs, page: int, n_sel: int, scale: float) -> str:
-    """Both steps equal exact attention over the pages they chose; the Triton selection's set
-    against torch.topk's (distinct random bounds: the same set). Returns 'same'/'N differ'."""
+    """Both three-launch steps equal exact attention over the pages they chose; the fused step
+    chose the Triton selection's pages and equals exact attention over them; the Triton
+    selection's set against torch.topk's (distinct random bounds: the same set). Returns
+    'same'/'N differ'."""
     kmin, kmax = s.summaries[page]
     bounds = page_bounds_triton(s.q, kmin, kmax, pool="max")
     counts = torch.full_like(s.lengths, n_sel)
@@ -156,6 +175,15 @@ def check(s: Inputs, page: int, n_sel: int, scale: float) -> str:
         ).float()
         err = (got - want).abs().max().item()
         assert err < 2e-2, f"page decode ({select.__name__}) differs from its reference by {err}"
+    fused = page_step_triton(
+        s.q, s.k, s.v, s.lengths, kmin, kmax, n_sel, page_size=page, scale=scale
+    )
+    assert torch.equal(fused.pages, page_select_triton(bounds, n_sel)), "fused step's pages"
+    want = page_decode_reference(
+        s.q, s.k, s.v, s.lengths, fused.pages, counts, page_size=page, scale=scale
+    ).float()
+    err = (fused.out.float() - want).abs().max().item()
+    assert err < 2e-2, f"the fused step differs from its reference by {err}"
     fast = page_select_triton(bounds, n_sel).long()
     ref = topk_pages(bounds, n_sel).sort(-1).values
     differ = int((fast != ref).any(-1).sum())
@@ -185,10 +213,12 @@ def main() -> None:
         print(
             "| batch | tokens | page | SDPA default us | SDPA flash / efficient / cudnn us | "
             "bounds us | torch.topk us | select us | attend us | step topk us | x SDPA | "
-            "step select us | x SDPA | eager x | MB read | % copy | SDPA % copy | set |"
+            "step select us | x SDPA | eager x | fused us | x SDPA | MB read | % copy | "
+            "fused % copy | SDPA % copy | set |"
         )
         print(
-            "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+            "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
+            "|---:|---:|---|"
         )
     for b in [int(x) for x in args.batches.split(",")] if not args.no_table else []:
         for t in [int(x) for x in args.lengths.split(",")]:
@@ -218,6 +248,10 @@ def main() -> None:
                     )
                     for name, fn in (("topk", topk_pages), ("select", page_select_triton))
                 }
+                counters = step_counters(b, HKV, "cuda")  # left zero by every step
+                steps["fused"] = rotating(
+                    [partial(fused_step, s, page, n_sel, scale, counters) for s in sets]
+                )
                 step_us = {name: graph_us(fn) for name, fn in steps.items()}
                 eager = eager_us(steps["select"])
                 read = sum(x.nbytes for x in sets[0].summaries[page])
@@ -229,8 +263,10 @@ def main() -> None:
                     + " | ".join(f"{x:.1f}" for x in part_us)
                     + f" | {step_us['topk']:.1f} | {sdpa_us / step_us['topk']:.2f} | "
                     f"{step_us['select']:.1f} | {sdpa_us / step_us['select']:.2f} | "
-                    f"{eager_sdpa / eager:.2f} | {read / 2**20:.1f} | "
+                    f"{eager_sdpa / eager:.2f} | {step_us['fused']:.1f} | "
+                    f"{sdpa_us / step_us['fused']:.2f} | {read / 2**20:.1f} | "
                     f"{100 * read / (step_us['select'] * 1e-6) / bw:.0f} | "
+                    f"{100 * read / (step_us['fused'] * 1e-6) / bw:.0f} | "
                     f"{100 * sdpa_bytes / (sdpa_us * 1e-6) / bw:.0f} | {same} |",
                     flush=True,
                 )
@@ -239,9 +275,10 @@ def main() -> None:
     if not args.no_table:
         print(
             "x SDPA: SDPA default time over the sparse step's, both CUDA-graph replays; eager x: "
-            "the same ratio for the select step, both launched from Python. MB read: summaries "
-            "+ bounds + selected pages; % copy: of the select step. set: the Triton selection "
-            "against torch.topk's."
+            "the same ratio for the select step, both launched from Python. fused: the step in two "
+            "launches (kvlens_kernels.page_step), the same pages as the select step. MB read: "
+            "summaries + bounds + selected pages; % copy: of the select step, fused % copy: of "
+            "the fused step. set: the Triton selection against torch.topk's."
         )
     if args.sweep:
         sweep(scale, args.fraction, args.sets)
@@ -250,7 +287,8 @@ def main() -> None:
 def sweep(scale: float, fraction: float, n_sets: int) -> None:
     """Launch settings at 128k, batch 1: the page attention over fixed pages (block, warps,
     stages, waves of splits), the bounds (pages per program, warps), and the selection (probes
-    per pass, warps) over 512 / 2048 / 8192 pages per head."""
+    per pass, warps) over 512 / 2048 / 8192 pages per head; then the fused step's launch B
+    (warps, probes per pass, waves of splits) at batch 1, 32k and 128k."""
     t, b = 131072, 1
     sets = [make_inputs(b, t, [16, 64], 7 + i) for i in range(n_sets)]
     print("\n| page | block_n | warps | stages | waves | attend us |")
@@ -312,6 +350,24 @@ def sweep(scale: float, fraction: float, n_sets: int) -> None:
                 f"{topk_time:.1f} |",
                 flush=True,
             )
+    del sets
+    print("\n| tokens | page | warps | probes | waves | fused us |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for t in (32768, 131072):
+        fused_sets = [make_inputs(b, t, [16, 64], 11 + i) for i in range(n_sets)]
+        counters = step_counters(b, HKV, "cuda")
+        for page in (16, 64):
+            n_sel = round(t // page * fraction)
+            for warps, probes, waves in itertools.product((4, 8, 16), (1, 4, 8), (1, 2)):
+                launch = {"num_warps": warps, "probes": probes, "waves": waves}
+                fns = [
+                    partial(fused_step, s, page, n_sel, scale, counters, **launch)
+                    for s in fused_sets
+                ]
+                us = graph_us(rotating(fns))
+                print(f"| {t} | {page} | {warps} | {probes} | {waves} | {us:.1f} |", flush=True)
+        del fused_sets
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
