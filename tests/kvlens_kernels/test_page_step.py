@@ -1,7 +1,8 @@
 """The two-launch page-sparse step (Quest, Tang et al. 2024): its reference is the three
 references in a row, reads every row when k >= N (full attention), keeps the forced last page
 and takes the lowest indices among tied bounds; the CPU dispatcher is the reference; the Triton
-step equals the three-launch step and the references in Triton's CPU interpreter."""
+step equals the three-launch step and the references in Triton's CPU interpreter, and its
+second launch compiles for an H100 (sm_90) with the per-head counter ordered after the partials."""
 
 from __future__ import annotations
 
@@ -74,6 +75,28 @@ def test_the_fused_launch_refuses_rows_past_the_selections_limit():
     with pytest.raises(ValueError, match="pages per head"):
         page_step_triton(q, q[:, :, None], q[:, :, None], torch.ones(1, 1), big, big, 4,
                          page_size=1, scale=1.0)  # fmt: skip
+
+
+@needs_triton
+def test_launch_b_compiles_for_sm90_with_the_counter_after_a_barrier():
+    import re
+
+    from kvlens_kernels.offline_compile import compile_sm90
+    from kvlens_kernels.page_step import _page_step_kernel
+
+    pointers = dict.fromkeys(["Q", "K", "V", "OUT"], "fp16")
+    pointers |= dict.fromkeys(["LENGTHS", "PAGES", "COUNTERS"], "i32")
+    pointers |= dict.fromkeys(["BOUNDS", "O_PART", "L_PART"], "fp32")
+    constexprs = dict(
+        GROUP=4, GP=4, HEAD_DIM=128, BLOCK_N=64, BLOCK_PAGES=2048, PROBES=4, CHUNK=16,
+        IN_PAGE=True, FORCE_LAST=False,
+    )  # fmt: skip
+    ptx = compile_sm90(_page_step_kernel, pointers, {"scale_log2"}, constexprs, 4, 3).asm["ptx"]
+    atom = ptx.index("atom.global.gpu.acq_rel.add")  # release the partials, acquire the others'
+    last_store = ptx.rindex("st.global", 0, atom)
+    assert "bar.sync" in ptx[last_store:atom]  # every thread's partial written before it
+    assert re.search(r"ld\.global\.cg", ptx[atom:])  # the others' partials read past L1
+    assert "mma.sync" in ptx  # the attention's products on tensor cores
 
 
 @needs_triton
