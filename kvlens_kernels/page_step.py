@@ -82,8 +82,9 @@ if triton is not None:
         Each bound becomes an int32 key whose integer order is the float order (-0.0 = 0.0,
         every NaN one key above +inf, a forced last page above all). The search keeps
         count(key >= lo) >= KK > count(key >= hi), counting at PROBES points of (lo, hi) per
-        pass, until a probe has exactly KK keys at or above it or hi = lo + 1; the keys >= hi
-        are then chosen, and of those equal to lo the first in index order."""
+        pass, until a probe has exactly KK keys at or above it or hi = lo + 1. Then the keys
+        >= hi are chosen, and of the keys in [lo, hi) (all equal to lo unless a probe met KK
+        exactly) the first KK - count(key >= hi) in index order."""
         valid = offs < N
         bits = x.to(tl.int32, bitcast=True)
         key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # negatives mirrored below zero
@@ -98,7 +99,7 @@ if triton is not None:
         n_hi = n_lo * 0  # count(key >= hi)
         steps = (tl.arange(0, PROBES) + 1).to(tl.int64)
         while (n_lo != KK) & (hi - lo > 1):
-            probe = lo + (hi - lo) * steps // (PROBES + 1)  # in (lo, hi), rising
+            probe = lo + (hi - lo) * steps // (PROBES + 1)  # in [lo, hi), the last > lo
             counts = tl.sum((key[None, :] >= probe.to(tl.int32)[:, None]).to(tl.int32), 1)
             enough = counts >= KK
             next_lo = tl.max(tl.where(enough, probe, lo), 0)
