@@ -358,7 +358,7 @@ def sweep(scale: float, fraction: float, n_sets: int) -> None:
         counters = step_counters(b, HKV, "cuda")
         for page in (16, 64):
             n_sel = round(t // page * fraction)
-            for warps, probes, waves in itertools.product((4, 8, 16), (1, 4, 8), (1, 2)):
+            for warps, probes, waves in itertools.product((4, 8, 16), (1, 4, 8, 16), (1, 2)):
                 launch = {"num_warps": warps, "probes": probes, "waves": waves}
                 fns = [
                     partial(fused_step, s, page, n_sel, scale, counters, **launch)
