@@ -39,10 +39,47 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 #: go to the reference (a stable sort) on any device
 MAX_PAGES = 16384
 
-INT32_MIN = -(2**31)
-INT32_MAX = 2**31 - 1
-
 if triton is not None:
+
+    @triton.jit
+    def choose_pages(x, offs, N, KK, PROBES: tl.constexpr, FORCE_LAST: tl.constexpr):
+        """Page selection as ``kvlens_kernels.page_select`` defines it, for one row of bounds
+        ``x`` (float32 over lanes ``offs``, lanes >= N padding): returns (chosen, slot), the
+        KK = min(k, N) chosen lanes and each one's rank in ascending index order.
+
+        Each bound becomes an int32 key whose integer order is the float order (-0.0 = 0.0,
+        every NaN one key above +inf, a forced last page above all). The search keeps
+        count(key >= lo) >= KK > count(key >= hi), counting at PROBES points of (lo, hi) per
+        pass, until a probe has exactly KK keys at or above it or hi = lo + 1. Then the keys
+        >= hi are chosen, and of the keys in [lo, hi) (all equal to lo unless a probe met KK
+        exactly) the first KK - count(key >= hi) in index order."""
+        valid = offs < N
+        bits = x.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # negatives mirrored below zero
+        key = tl.where(key == -1, 0, key)  # -0.0 is 0.0
+        key = tl.where(x == x, key, 0x7FC00000)  # NaN: above +inf's 0x7F800000
+        if FORCE_LAST:
+            key = tl.where(offs == N - 1, 0x7FFFFFFF, key)
+        key = tl.where(valid, key, -0x7FFFFFFF - 1)  # padding below every real key
+        lo = tl.min(tl.where(valid, key, 0x7FFFFFFF), 0).to(tl.int64)
+        hi = tl.max(key, 0).to(tl.int64) + 1  # may be 2**31: int64
+        n_lo = tl.sum(valid.to(tl.int32), 0)  # count(key >= lo)
+        n_hi = n_lo * 0  # count(key >= hi)
+        steps = (tl.arange(0, PROBES) + 1).to(tl.int64)
+        while (n_lo != KK) & (hi - lo > 1):
+            probe = lo + (hi - lo) * steps // (PROBES + 1)  # in [lo, hi), the last > lo
+            counts = tl.sum((key[None, :] >= probe.to(tl.int32)[:, None]).to(tl.int32), 1)
+            enough = counts >= KK
+            next_lo = tl.max(tl.where(enough, probe, lo), 0)
+            n_lo = tl.min(tl.where(enough, counts, n_lo), 0)
+            hi = tl.min(tl.where(enough, hi, probe), 0)
+            n_hi = tl.max(tl.where(enough, n_hi, counts), 0)
+            lo = next_lo
+        above = key > (hi - 1).to(tl.int32)  # hi - 1 <= the largest key: fits int32
+        level = valid & (key >= lo.to(tl.int32)) & ~above  # all equal to lo unless n_lo == KK
+        chosen = above | (level & (tl.cumsum(level.to(tl.int32), 0) <= KK - n_hi))
+        slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
+        return chosen, slot
 
     @triton.jit
     def _page_select_kernel(
@@ -51,39 +88,9 @@ if triton is not None:
     ):  # fmt: skip
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
-        valid = offs < N
-        x = tl.load(BOUNDS + row.to(tl.int64) * N + offs, mask=valid, other=0.0).to(tl.float32)
-        bits = x.to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # integer order = float order
-        key = tl.where(key == -1, 0, key)  # -0.0 ties with 0.0
-        key = tl.where(x != x, 0x7FC00000, key)  # NaN above +inf (0x7F800000)
-        if FORCE_LAST:
-            key = tl.where(offs == N - 1, 0x7FFFFFFF, key)
-        key = tl.where(valid, key, -0x7FFFFFFF - 1)  # padding: below every real key
-        kk = K  # the launcher passes min(k, N)
-        # invariant: count(key >= lo) = c_lo >= kk > c_hi = count(key >= hi)
-        lo = tl.min(tl.where(valid, key, 0x7FFFFFFF), 0).to(tl.int64)
-        hi = tl.max(key, 0).to(tl.int64) + 1
-        c_lo = tl.sum(valid.to(tl.int32), 0)
-        c_hi = c_lo * 0
-        j = (tl.arange(0, PROBES) + 1).to(tl.int64)
-        while (c_lo != kk) & (hi - lo > 1):
-            probe = lo + ((hi - lo) * j) // (PROBES + 1)  # in [lo, hi - 1], the last > lo
-            at_or_above = key[None, :] >= probe.to(tl.int32)[:, None]
-            cnt = tl.sum(at_or_above.to(tl.int32), 1)  # [PROBES], falling with the probe
-            up = cnt >= kk
-            new_lo = tl.max(tl.where(up, probe, lo), 0)
-            c_lo = tl.min(tl.where(up, cnt, c_lo), 0)
-            hi = tl.min(tl.where(up, hi, probe), 0)
-            c_hi = tl.max(tl.where(up, c_hi, cnt), 0)
-            lo = new_lo
-        top = hi - 1  # fits int32: hi - 1 <= the largest key
-        above = key > top.to(tl.int32)
-        band = valid & (key >= lo.to(tl.int32)) & ~above  # all equal to lo unless c_lo == kk
-        need = kk - c_hi
-        chosen = above | (band & (tl.cumsum(band.to(tl.int32), 0) <= need))
-        slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
-        tl.store(OUT + row.to(tl.int64) * kk + slot, offs, mask=chosen)
+        x = tl.load(BOUNDS + row.to(tl.int64) * N + offs, mask=offs < N, other=0.0)
+        chosen, slot = choose_pages(x.to(tl.float32), offs, N, K, PROBES, FORCE_LAST)
+        tl.store(OUT + row.to(tl.int64) * K + slot, offs, mask=chosen)  # K = min(k, N)
 
 
 def select_warps(block: int) -> int:

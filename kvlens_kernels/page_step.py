@@ -9,9 +9,9 @@ microseconds above its bytes. Here:
 1. launch A is ``kvlens_kernels.page_bounds`` itself (one program per (batch, KV head, block of
    pages)): float32 bounds [B, Hkv, N], the same numbers the three-launch step ranks;
 2. launch B runs one program per (batch, KV head, split). Each program loads its head's whole
-   row of bounds (N floats, from L2) and finds the chosen pages exactly as ``page_select``
-   defines them (``choose_pages``: the search for the k-th largest bound over integer keys,
-   ties to the lowest indices, ``force_last``), ranks them in ascending index order (a prefix
+   row of bounds (N floats, from L2) and finds the chosen pages with ``page_select``'s own
+   rule (``page_select.choose_pages``, shared by both steps: the search for the k-th largest
+   bound over integer keys, ties to the lowest indices, ``force_last``), ranks them in ascending index order (a prefix
    sum), and writes the page indices of its own split's slots into ``pages``. The selected slots
    (slot s is row pages[s // P] * P + s % P) are cut into splits as ``page_decode`` cuts them;
    after a barrier the program reads its page indices back and runs the online softmax of the
@@ -55,6 +55,7 @@ try:  # Triton is optional on CPU-only installs
     import triton
     import triton.language as tl
 
+    from kvlens_kernels.page_select import choose_pages
     from kvlens_kernels.split_decode import softmax_block, store_partial
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
@@ -72,46 +73,6 @@ class PageStep(NamedTuple):
 
 
 if triton is not None:
-
-    @triton.jit
-    def choose_pages(x, offs, N, KK, PROBES: tl.constexpr, FORCE_LAST: tl.constexpr):
-        """Page selection as ``kvlens_kernels.page_select`` defines it, for one row of bounds
-        ``x`` (float32 over lanes ``offs``, lanes >= N padding): returns (chosen, slot), the
-        KK = min(k, N) chosen lanes and each one's rank in ascending index order.
-
-        Each bound becomes an int32 key whose integer order is the float order (-0.0 = 0.0,
-        every NaN one key above +inf, a forced last page above all). The search keeps
-        count(key >= lo) >= KK > count(key >= hi), counting at PROBES points of (lo, hi) per
-        pass, until a probe has exactly KK keys at or above it or hi = lo + 1. Then the keys
-        >= hi are chosen, and of the keys in [lo, hi) (all equal to lo unless a probe met KK
-        exactly) the first KK - count(key >= hi) in index order."""
-        valid = offs < N
-        bits = x.to(tl.int32, bitcast=True)
-        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # negatives mirrored below zero
-        key = tl.where(key == -1, 0, key)  # -0.0 is 0.0
-        key = tl.where(x == x, key, 0x7FC00000)  # NaN: above +inf's 0x7F800000
-        if FORCE_LAST:
-            key = tl.where(offs == N - 1, 0x7FFFFFFF, key)
-        key = tl.where(valid, key, -0x7FFFFFFF - 1)  # padding below every real key
-        lo = tl.min(tl.where(valid, key, 0x7FFFFFFF), 0).to(tl.int64)
-        hi = tl.max(key, 0).to(tl.int64) + 1  # may be 2**31: int64
-        n_lo = tl.sum(valid.to(tl.int32), 0)  # count(key >= lo)
-        n_hi = n_lo * 0  # count(key >= hi)
-        steps = (tl.arange(0, PROBES) + 1).to(tl.int64)
-        while (n_lo != KK) & (hi - lo > 1):
-            probe = lo + (hi - lo) * steps // (PROBES + 1)  # in [lo, hi), the last > lo
-            counts = tl.sum((key[None, :] >= probe.to(tl.int32)[:, None]).to(tl.int32), 1)
-            enough = counts >= KK
-            next_lo = tl.max(tl.where(enough, probe, lo), 0)
-            n_lo = tl.min(tl.where(enough, counts, n_lo), 0)
-            hi = tl.min(tl.where(enough, hi, probe), 0)
-            n_hi = tl.max(tl.where(enough, n_hi, counts), 0)
-            lo = next_lo
-        above = key > (hi - 1).to(tl.int32)  # hi - 1 <= the largest key: fits int32
-        level = valid & (key >= lo.to(tl.int32)) & ~above  # all equal to lo unless n_lo == KK
-        chosen = above | (level & (tl.cumsum(level.to(tl.int32), 0) <= KK - n_hi))
-        slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
-        return chosen, slot
 
     @triton.jit
     def _page_step_kernel(
