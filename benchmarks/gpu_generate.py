@@ -12,7 +12,9 @@ Rows, all measured in one run on one model:
   caches' eager kernel path (``methods.cache``);
 * kvlens' fast decoder (``methods.fast_decode``): capacity buffers, lengths on the device, the
   whole step replayed from a CUDA graph, for the full cache and the compressed caches (KIVI-2
-  through the quantised kernel, SnapKV keeping 10% of the prompt through the sparse kernel).
+  through the quantised kernel, SnapKV keeping 10% of the prompt through the sparse kernel;
+  H2O and TOVA at 10% evicting at every step, scored on the device inside the graph).
+  ``--methods`` takes specs separated by ';' and the short names snapkv10, h2o10, tova10.
 
 Decode tokens/s counts the --new - 1 steps after the prefill's token. Each prompt length in
 --prompt (comma-separated) runs every row; ``--no-anchors`` / ``--no-eager`` leave rows out.
@@ -121,10 +123,13 @@ def main() -> None:
 def run_prompt(model, cfg, prompt: int, args) -> None:
     torch.manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (1, prompt), device="cuda")
-    specs = [
-        s.replace("snapkv10", f"snapkv:budget={prompt // 10},window=32")
-        for s in args.methods.split(";")
-    ]
+    ten = prompt // 10
+    short = {
+        "snapkv10": f"snapkv:budget={ten},window=32",
+        "h2o10": f"h2o:budget={ten}",
+        "tova10": f"tova:budget={ten}",
+    }
+    specs = [short.get(s, s) for s in args.methods.split(";")]
     # the fast decoder first (its full cache is the tokens' reference), the static anchor
     # last (its compilation is the longest part of the run)
     rows = [("kvlens fast decoder, full cache", "fast", None)]

@@ -14,8 +14,13 @@ with a split plan fixed by the capacity.
 What a step does is what the methods do on their eager kernel path (``methods.cache``):
 prefill-only eviction changes nothing while decoding; a quantised store quantises its
 residual's oldest groups after the step that overfills it, here run by the host between two
-replays (it knows every length without asking the device). Methods that read attention
-statistics while decoding (H2O, TOVA, StreamingLLM's rolling window) are refused.
+replays (it knows every length without asking the device). H2O and TOVA on their continuous
+schedule (evict after every step) run their scoring on the device inside the step
+(``EvictingLayer``): exact attention over a buffer of ``budget + 1`` rows, the method's score,
+``torch.topk`` and a gather, the same operations in the same order as the eager statistics path
+(``methods.cache`` with ``methods.eviction``). Other methods that read attention statistics
+while decoding (Scissorhands, Keyformer, StreamingLLM's rolling window) are refused.
+Sliding-window and soft-capped layers are refused too (the kernels here attend over every row).
 
 Batch size 1. ``graph=False`` runs the same step eagerly (the test of the capture).
 """
@@ -75,6 +80,15 @@ class _DecodeLayer(CacheLayerMixin):
         raise NotImplementedError
 
 
+def _plain(sliding_window, softcap) -> None:
+    """Refuse layers whose attention is not plain softmax over every held row."""
+    if sliding_window is not None or softcap is not None:
+        raise KvlensError(
+            "the fast decoder attends over every held row: models with sliding-window or "
+            "soft-capped attention layers decode through methods.cache instead"
+        )
+
+
 class SparseLayer(_DecodeLayer):
     """Keys/values [1, Hkv, C, D]; KV head h holds rows [0, lengths[0, h]) (int32, device)."""
 
@@ -111,6 +125,7 @@ class SparseLayer(_DecodeLayer):
         self.lengths += 1
 
     def attend(self, query, key, value, *, scale: float, sliding_window=None, softcap=None):
+        _plain(sliding_window, softcap)
         out = sparse_decode_triton(
             query[:, :, 0], self.keys, self.values, self.lengths,
             scale=scale, max_length=self.keys.shape[2],
@@ -140,6 +155,7 @@ class QuantLayer(_DecodeLayer):
         self.lengths[1] += 1
 
     def attend(self, query, key, value, *, scale: float, sliding_window=None, softcap=None):
+        _plain(sliding_window, softcap)
         s = self.store
         quant, res = self.capacity
         layout = QuantKV(
@@ -163,11 +179,120 @@ class QuantLayer(_DecodeLayer):
             self._sync_lengths()
 
 
+class EvictingLayer(_DecodeLayer):
+    """H2O or TOVA evicting after every step, scored on the device (Zhang et al. 2023, "H2O:
+    Heavy-Hitter Oracle"; Oren et al. 2024, "Transformers are Multi-State RNNs").
+
+    Buffers [Hkv, budget + 1, D] hold the kept rows in position order, every head the same
+    number (``lengths``, a device scalar, as are the tokens seen). A step writes its token to
+    row ``lengths``, attends exactly over the rows in use (float32, as the eager statistics path
+    does), adds the step's attention to H2O's accumulated score (or takes it as TOVA's score),
+    ranks the rows as ``methods.eviction`` ranks them (protected recent rows first) and keeps
+    the ``budget`` best in position order: ``torch.topk`` then a sorted gather. Rows past the
+    ones in use rank below every real row, so a cache still under its budget keeps everything.
+    """
+
+    def __init__(self, store: HeadStore, method, layer_idx: int, n_seen: int) -> None:
+        from methods.eviction.h2o import H2O
+
+        super().__init__(layer_idx, n_seen)
+        held = store.lengths()
+        hkv, _, d = store._keys.shape
+        self.method, self.budget, self.h2o = method, method.budget, isinstance(method, H2O)
+        cap = self.budget + 1
+        n = held[0]
+        self.keys = store._keys.new_zeros(hkv, cap, d)
+        self.values = store._values.new_zeros(hkv, cap, d)
+        self.positions = store._positions.new_zeros(hkv, cap)
+        self.score = torch.zeros(hkv, cap, dtype=torch.float32, device=store._keys.device)
+        self.keys[:, :n], self.values[:, :n] = store._keys[:, :n], store._values[:, :n]
+        self.positions[:, :n] = store._positions[:, :n]
+        if self.h2o and "h2o_score" in store._aux:
+            self.score[:, :n] = store._aux["h2o_score"][:, :n]
+        device = self.keys.device
+        self.lengths = torch.tensor(n, dtype=torch.int64, device=device)
+        self.seen = torch.tensor(n_seen, dtype=torch.int64, device=device)
+        self._rows = torch.arange(cap, device=device)
+        self._neg = torch.tensor(-1e30, device=device)  # the eager path's masked logit
+
+    def append(self, key, value) -> None:
+        row = self.lengths[None]
+        self.keys.index_copy_(1, row, key[:, None])
+        self.values.index_copy_(1, row, value[:, None])
+        here = self.seen.to(self.positions.dtype).expand(self.positions.shape[0], 1)
+        self.positions.index_copy_(1, row, here)
+        self.score.index_fill_(1, row, 0.0)
+        self.lengths += 1
+        self.seen += 1
+
+    def attend(self, query, key, value, *, scale: float, sliding_window=None, softcap=None):
+        _plain(sliding_window, softcap)
+        q = query[0, :, 0]  # [Hq, D]
+        hkv, cap, d = self.keys.shape
+        hq = q.shape[0]
+        in_use = self._rows < self.lengths  # [cap]
+        s = torch.bmm(
+            (q.float() * scale).view(hkv, hq // hkv, d), self.keys.float().transpose(1, 2)
+        )
+        s = torch.where(in_use, s, self._neg)
+        s.sub_(s.amax(-1, keepdim=True))
+        p = torch.exp(s)
+        p.div_(p.sum(-1, keepdim=True))  # [Hkv, G, cap]
+        out = torch.bmm(p, self.values.float()).view(hq, d)
+        self._evict(p, in_use)
+        return out.to(query.dtype)[None, :, None]
+
+    def _ranking(self, p: torch.Tensor) -> torch.Tensor:
+        """Float [Hkv, cap]: the method's score of every row (higher keeps)."""
+        m = self.method
+        if self.h2o:
+            self.score += p.mean(1)
+            if m.normalise == "sum":
+                score = self.score.clone()
+            else:
+                seen_by = (self.seen - self.positions.to(torch.int64)).clamp_min(1)
+                score = self.score / seen_by.float()
+            if m.n_recent:
+                pos = self.positions.to(torch.int64)
+                guard = pos >= self.seen - m.n_recent
+                score = torch.where(guard, 1e30 + pos.float(), score)
+            return score
+        if m.average == "group":
+            return p.mean(1)
+        return p.reshape(-1, p.shape[-1]).mean(0).expand(p.shape[0], -1)
+
+    def _evict(self, p: torch.Tensor, in_use: torch.Tensor) -> None:
+        score = torch.where(in_use, self._ranking(p), float("-inf"))
+        keep = torch.topk(score, self.budget, dim=-1, sorted=False).indices.sort(-1).values
+        d = self.keys.shape[2]
+        rows = keep[..., None].expand(-1, -1, d)
+        self.keys[:, : self.budget] = self.keys.gather(1, rows)
+        self.values[:, : self.budget] = self.values.gather(1, rows)
+        self.positions[:, : self.budget] = self.positions.gather(1, keep)
+        self.score[:, : self.budget] = self.score.gather(1, keep)
+        self.lengths.clamp_(max=self.budget)
+
+    def nbytes(self) -> int:
+        """Serving bytes as ``HeadStore`` counts them (reads the length from the device)."""
+        per_token = 2 * self.keys.shape[2] * element_bytes(self.keys.dtype)
+        per_token += element_bytes(self.positions.dtype)
+        per_token += element_bytes(self.score.dtype) if self.h2o else 0
+        return int(self.lengths) * self.keys.shape[0] * per_token
+
+
 class DecodeCache(Cache):
     """The cache a fast decoder's model steps run on: one ``_DecodeLayer`` per layer."""
 
     def __init__(self, layers: list[_DecodeLayer]) -> None:
         super().__init__(layers=layers)
+
+
+def _continuous(method) -> bool:
+    """H2O or TOVA evicting after every step, every head at one budget (``EvictingLayer``)."""
+    from methods.eviction.h2o import H2O
+    from methods.eviction.tova import TOVA
+
+    return type(method) in (H2O, TOVA) and method.schedule == "continuous"
 
 
 def _eligible(cache: CompressedCache) -> None:
@@ -184,10 +309,15 @@ def _eligible(cache: CompressedCache) -> None:
         and not method.decode_needs_attention
         and type(store) is HeadStore
     )
-    if not (quantised or evicted) or not all(layer.decodes_from_store() for layer in cache.layers):
+    kernels = all(layer.decodes_from_store() for layer in cache.layers)
+    continuous = _continuous(method) and all(
+        type(layer.store) is HeadStore and len(set(layer.store.lengths())) == 1
+        for layer in cache.layers
+    )
+    if not ((quantised or evicted) and kernels or continuous):
         raise KvlensError(
-            f"{method.spec()}: the fast decoder takes quantised caches (KIVI, int8) and "
-            "eviction that only compresses the prefill"
+            f"{method.spec()}: the fast decoder takes quantised caches (KIVI, int8), eviction "
+            "that only compresses the prefill, and H2O or TOVA evicting at every step"
         )
 
 
@@ -199,7 +329,9 @@ def decode_layers(cache, new: int) -> list[_DecodeLayer]:
         layers = []
         for i, layer in enumerate(cache.layers):
             store = layer.store
-            if isinstance(store, HeadStore):
+            if _continuous(cache.method):
+                layers.append(EvictingLayer(store, cache.method, i, layer.n_seen))
+            elif isinstance(store, HeadStore):
                 layers.append(
                     SparseLayer.from_rows(
                         store._keys, store._values, store.lengths(), i, layer.n_seen, new, True

@@ -1,6 +1,7 @@
 """On CUDA: the fast decoder's step replayed from a CUDA graph gives, token for token, what the
 same step gives run eagerly, and what the eager decode paths give (the full cache through
-transformers' DynamicCache, the compressed caches through ``methods.cache``'s kernel path),
+transformers' DynamicCache, the compressed caches through ``methods.cache``'s kernel path, H2O
+and TOVA through its statistics path),
 for the full cache and each kernel-backed method; on a small random Llama in float16."""
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ SPECS = [
     "kivi:bits=4,group=64,residual=64",
     "int8",
     "snapkv:budget=200,window=16",
+    "h2o:budget=200",  # evicts at every step, scored on the device inside the graph
+    "tova:budget=200",
 ]
 NEW = 48  # tokens after the prefill's: the quantised stores quantise a group during them
 
