@@ -35,7 +35,7 @@ def _forward(
     stride_qh, stride_qt, stride_kh, stride_kt, stride_vh, stride_vt, stride_oh, stride_ot,
     T_Q, T_K, Q_OFFSET, scale_log2,
     SLIDING: tl.constexpr, GROUP: tl.constexpr, SINKS: tl.constexpr, LOCAL_W: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -69,7 +69,7 @@ def _forward(
         k = tl.load(
             k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0
         )
-        s = tl.dot(q, k) * scale_log2
+        s = tl.dot(q, k, input_precision=DOT) * scale_log2
         valid = (offs_n[None, :] <= qpos[:, None]) & col_ok[None, :]
         if SLIDING > 0:
             valid = valid & (offs_n[None, :] > qpos[:, None] - SLIDING)
@@ -87,7 +87,7 @@ def _forward(
         v = tl.load(
             v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -111,7 +111,7 @@ def _column_sums(
     Q, K, LSE, RECEIVED, WINDOW,
     stride_qh, stride_qt, stride_kh, stride_kt,
     T_Q, T_K, Q_OFFSET, scale_log2, WINDOW_START,
-    SLIDING: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SLIDING: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
@@ -141,7 +141,7 @@ def _column_sums(
             other=0.0,
         )
         lse2 = tl.load(LSE + h * T_Q + offs_m, mask=row_ok, other=float("inf"))
-        s = tl.dot(q, k) * scale_log2
+        s = tl.dot(q, k, input_precision=DOT) * scale_log2
         qpos = offs_m + Q_OFFSET
         valid = (offs_n[None, :] <= qpos[:, None]) & row_ok[:, None] & col_ok[None, :]
         if SLIDING > 0:
@@ -153,10 +153,27 @@ def _column_sums(
     tl.store(WINDOW + h * T_K + offs_n, window, mask=col_ok)
 
 
-def _blocks(head_dim: int, interpret: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim."""
+def dot_precision(q: torch.Tensor) -> str:
+    """The kernels' product precision: float32 inputs are multiplied in full float32 ("ieee"),
+    as the reference does (Triton's default would round them to TF32, ~3 decimal digits);
+    16-bit inputs take the tensor cores' default ("tf32" is the default, unused for them)."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _blocks(head_dim: int, interpret: bool, element: int = 2) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim and element size in bytes: a
+    float32 tile takes twice the shared memory of a 16-bit one (d 128, 16-bit tiles in float32
+    asked for 256 KiB on an H200, past its 227 KiB)."""
     if interpret:
         return 16, 16, 1, 1
+    if element > 2:
+        return (
+            (64, 64, 4, 2)
+            if head_dim <= 64
+            else (64, 32, 4, 2)
+            if head_dim <= 128
+            else (32, 32, 4, 1)
+        )
     if head_dim <= 64:
         return 128, 64, 4, 3
     if head_dim <= 128:
@@ -184,7 +201,7 @@ def attention_stats_triton(
         raise ValueError(f"head_dim {d} is not a power of two <= 256")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     interpret = q.device.type != "cuda"
-    block_m, block_n, warps, stages = _blocks(d, interpret)
+    block_m, block_n, warps, stages = _blocks(d, interpret, q.element_size())
     f32 = {"device": q.device, "dtype": torch.float32}
     out = torch.empty_like(q)
     lse, ent, sink, maxp, dist, loc = (torch.empty(hq, tq, **f32) for _ in range(6))
@@ -198,13 +215,13 @@ def attention_stats_triton(
         q, k, v, out, lse, ent, sink, maxp, dist, loc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         tq, tk, q_offset, scale_log2,
-        SLIDING=sliding, GROUP=hq // hkv, SINKS=sinks, LOCAL_W=local, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, **extra,
+        SLIDING=sliding, GROUP=hq // hkv, SINKS=sinks, LOCAL_W=local, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot_precision(q), **extra,
     )  # fmt: skip
     _column_sums[(triton.cdiv(tk, block_n), hq)](
         q, k, lse, received, win,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         tq, tk, q_offset, scale_log2, max(0, tq - window),
-        SLIDING=sliding, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, **extra,
+        SLIDING=sliding, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot_precision(q), **extra,
     )  # fmt: skip
     stats = AttentionStats(
         received=received,
@@ -224,6 +241,7 @@ def _stats_block(
     q_t, k_base, offs_n, qpos, lse2, scale_log2, T_K, SINKS, LOCAL_W,
     received_ptr, window_ptr, in_window, has_window, a_acc, d_acc, mx_acc, sink_i, loc_i,
     stride_kt, offs_d, MASKED: tl.constexpr, FIRST: tl.constexpr, NEAR: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     """One key block: scores [keys, queries], raw (unscaled) so that exp2's argument is one
     fused multiply-add; per-query sums grow elementwise in [keys, queries] tiles."""
@@ -231,7 +249,7 @@ def _stats_block(
     k = tl.load(
         k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0
     )
-    s = tl.dot(k, q_t)
+    s = tl.dot(k, q_t, input_precision=DOT)
     p = tl.exp2(s * scale_log2 - lse2[None, :])
     if MASKED:
         valid = (
@@ -265,7 +283,7 @@ def _stats_from_lse(
     stride_qh, stride_qt, stride_kh, stride_kt,
     T_Q, T_K, Q_OFFSET, scale_log2, WINDOW_START,
     GROUP: tl.constexpr, SINKS: tl.constexpr, LOCAL_W: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """Given each row's log2-sum-exp, one query-stationary pass computes the row statistics
     and adds column sums atomically (float atomics: sums agree to rounding, not bit for bit).
@@ -307,7 +325,7 @@ def _stats_from_lse(
     a_acc, d_acc, mx_acc, sink_i, loc_i = _stats_block(
         q_t, k_base, offs_n, qpos, lse2, scale_log2, T_K, SINKS, LOCAL_W, rec, win, in_window,
         has_window, a_acc, d_acc, mx_acc, sink_i, loc_i, stride_kt, offs_d,
-        MASKED=True, FIRST=True, NEAR=True,
+        MASKED=True, FIRST=True, NEAR=True, DOT=DOT,
     )  # fmt: skip
     # fully visible blocks far from the diagonal: no mask, no locality
     for start_n in tl.range(BLOCK_N, tl.minimum(full_end, near_start), BLOCK_N):
@@ -315,7 +333,7 @@ def _stats_from_lse(
         a_acc, d_acc, mx_acc, sink_i, loc_i = _stats_block(
             q_t, k_base, offs_n, qpos, lse2, scale_log2, T_K, SINKS, LOCAL_W, rec, win,
             in_window, has_window, a_acc, d_acc, mx_acc, sink_i, loc_i, stride_kt, offs_d,
-            MASKED=False, FIRST=False, NEAR=False,
+            MASKED=False, FIRST=False, NEAR=False, DOT=DOT,
         )  # fmt: skip
     # blocks near or on the diagonal: masked, with locality
     for start_n in tl.range(tl.maximum(BLOCK_N, tl.minimum(full_end, near_start)), hi, BLOCK_N):
@@ -323,7 +341,7 @@ def _stats_from_lse(
         a_acc, d_acc, mx_acc, sink_i, loc_i = _stats_block(
             q_t, k_base, offs_n, qpos, lse2, scale_log2, T_K, SINKS, LOCAL_W, rec, win,
             in_window, has_window, a_acc, d_acc, mx_acc, sink_i, loc_i, stride_kt, offs_d,
-            MASKED=True, FIRST=False, NEAR=True,
+            MASKED=True, FIRST=False, NEAR=True, DOT=DOT,
         )  # fmt: skip
     a_i = tl.sum(a_acc, 0) * scale_log2
     dist_i = tl.sum(d_acc, 0)
@@ -416,6 +434,8 @@ def attention_stats_fast(
     block_m, block_n, warps, stages = (16, 16, 1, 1) if interpret else (64, 64, 4, 3)
     if not interpret and d > 128:
         block_m, block_n, warps, stages = 64, 32, 4, 2
+    if not interpret and q.element_size() > 2:  # float32 tiles: twice the shared memory
+        block_m, block_n, warps, stages = (64, 32, 4, 2) if d <= 128 else (32, 32, 4, 1)
     if blocks is not None and not interpret:
         block_m, block_n, warps, stages = blocks
     f32 = {"device": q.device, "dtype": torch.float32}
@@ -428,7 +448,7 @@ def attention_stats_fast(
         q, k, lse2, received, win, ent, sink, maxp, dist, loc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         tq, tk, tk - tq, scale * LOG2E, max(0, tq - window),
-        GROUP=hq // hkv, SINKS=sinks, LOCAL_W=local, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, **extra,
+        GROUP=hq // hkv, SINKS=sinks, LOCAL_W=local, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot_precision(q), **extra,
     )  # fmt: skip
     stats = AttentionStats(
         received=received,

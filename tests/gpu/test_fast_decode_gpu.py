@@ -1,8 +1,8 @@
 """On CUDA: the fast decoder's step replayed from a CUDA graph gives, token for token, what the
-same step gives run eagerly, and what the eager decode paths give (the full cache through
-transformers' DynamicCache, the compressed caches through ``methods.cache``'s kernel path, H2O
-and TOVA through its statistics path),
-for the full cache and each kernel-backed method; on a small random Llama in float16."""
+same step gives run eagerly, and what the eager decode paths give up to a near-tie of their
+logits (the full cache through transformers' DynamicCache, the compressed caches through
+``methods.cache``'s kernel path, H2O and TOVA through its statistics path), for the full cache
+and each kernel-backed method; on a small random Llama in float16."""
 
 from __future__ import annotations
 
@@ -65,17 +65,32 @@ def _fast(model, ids, spec, graph: bool) -> list[int]:
     return decoder.generate(first, NEW).tolist()
 
 
-def _eager(model, ids, spec) -> list[int]:
+def _eager(model, ids, spec) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and the float32 logits that chose each."""
     from probes.compat import cache_arg
 
     cache = _cache(model, spec)
     tok = _prefill(model, ids, cache)
-    tokens = []
+    tokens, logits = [], []
     for _ in range(NEW):
         out = model(input_ids=tok, **cache_arg(model, cache), use_cache=True)
+        logits.append(out.logits[0, -1].float())
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(tok))
-    return tokens
+    return tokens, logits
+
+
+def _same_up_to_a_near_tie(got: list[int], tokens: list[int], logits: list[torch.Tensor]):
+    """``got`` equals the eager ``tokens``, or departs from them first at a step where the
+    eager logits rank the two tokens within rounding of each other (random weights give
+    near-uniform logits; a different attention kernel's rounding may flip such a tie, after
+    which the two runs see different tokens and part)."""
+    for i, (a, b) in enumerate(zip(got, tokens, strict=True)):
+        if a != b:
+            row = logits[i]
+            gap = float(row[b] - row[a])
+            assert gap <= 1e-2 * float(row.abs().max()), (i, a, b, gap)
+            return
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s or "full")
@@ -85,9 +100,9 @@ def test_graph_decode_equals_the_eager_paths(llama, spec):
     with torch.inference_mode():
         graph = _fast(llama, ids, spec, graph=True)
         eager_step = _fast(llama, ids, spec, graph=False)
-        eager = _eager(llama, ids, spec)
+        eager, logits = _eager(llama, ids, spec)
     assert graph == eager_step
-    assert graph == eager
+    _same_up_to_a_near_tie(graph, eager, logits)
     assert len(set(graph)) > 1  # a model stuck on one token would prove little
 
 
