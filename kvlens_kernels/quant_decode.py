@@ -46,7 +46,7 @@ import torch
 from kvlens_kernels.quantize import QuantBlocks, unpack_words
 from kvlens_kernels.split_decode import (
     LOG2E,
-    attend_rows,
+    attend_heads,
     combine_splits,
     group_pad,
     partial_buffers,
@@ -595,12 +595,9 @@ def quant_decode_reference(q: torch.Tensor, cache: QuantKV, *, scale: float) -> 
     keys, values = dequantize_cache(cache, q.dtype)
     bsz, hq, d = q.shape
     hkv = keys.shape[1]
-    group = hq // hkv
     out = torch.empty(bsz, hq, d, dtype=torch.float32, device=q.device)
-    for b in range(bsz):
-        for h in range(hkv):
-            rows = slice(h * group, (h + 1) * group)
-            out[b, rows] = attend_rows(q[b, rows], keys[b, h], values[b, h], scale)
+    for b in range(bsz):  # every KV head holds every token: one batched product per sequence
+        out[b] = attend_heads(q[b].view(hkv, hq // hkv, d), keys[b], values[b], scale).view(hq, d)
     return out.to(q.dtype)
 
 

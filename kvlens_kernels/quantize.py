@@ -63,7 +63,9 @@ def unpack_words(packed: torch.Tensor, bits: int) -> torch.Tensor:
     b = packed.to(torch.int32)
     words = b[..., 0::2] | (b[..., 1::2] << 8)
     mask = (1 << bits) - 1
-    return torch.cat([(words >> (p * bits)) & mask for p in range(16 // bits)], -1).to(torch.uint8)
+    shifts = torch.arange(0, 16, bits, dtype=torch.int32, device=packed.device)
+    fields = (words[..., None, :] >> shifts[:, None]) & mask  # [..., 16/bits fields, W]
+    return fields.flatten(-2).to(torch.uint8)  # field p holds channels p*W .. p*W + W-1
 
 
 if triton is not None:

@@ -19,6 +19,7 @@ import torch
 
 from kvlens_kernels.split_decode import (
     LOG2E,
+    attend_heads,
     attend_rows,
     combine_splits,
     group_pad,
@@ -114,14 +115,20 @@ def sparse_decode_triton(
 def sparse_decode_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, *, scale: float
 ) -> torch.Tensor:
-    """Exact attention of each query head over its KV head's first ``lengths`` rows."""
+    """Exact attention of each query head over its KV head's first ``lengths`` rows. The KV
+    heads of a sequence that hold the same number of rows attend in one batched product
+    (``attend_heads``: the same numbers as one head at a time)."""
     bsz, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
     out = torch.empty(bsz, hq, d, dtype=torch.float32, device=q.device)
-    for b in range(bsz):
-        for h in range(hkv):
-            n = int(lengths[b, h])
+    for b, row_counts in enumerate(lengths.tolist()):
+        if len(set(row_counts)) == 1:
+            n = row_counts[0]
+            heads = attend_heads(q[b].view(hkv, group, d), k[b, :, :n], v[b, :, :n], scale)
+            out[b] = heads.view(hq, d)
+            continue
+        for h, n in enumerate(row_counts):
             rows = slice(h * group, (h + 1) * group)
             out[b, rows] = attend_rows(q[b, rows], k[b, h, :n], v[b, h, :n], scale)
     return out.to(q.dtype)

@@ -49,6 +49,20 @@ def test_dequantised_cache_matches_the_methods_arithmetic():
     assert torch.equal(k[0, :, 64:], cache.residual_keys[0])
 
 
+def test_decode_reference_equals_one_head_at_a_time_bit_for_bit():
+    """Every KV head of a quantised cache attends in one batched product: the numbers of one
+    product per head over the dequantised cache, exactly."""
+    torch.manual_seed(2)
+    keys, values = torch.randn(3, 64, 64), torch.randn(3, 64, 64)
+    cache = _cache(keys, values, torch.randn(3, 9, 64), torch.randn(3, 9, 64), 2, 32)
+    q = torch.randn(1, 9, 64)
+    k, v = dequantize_cache(cache, torch.float32)
+    got = quant_decode(q, cache, scale=0.125)
+    for h in range(3):
+        p = torch.softmax(q[0, 3 * h : 3 * h + 3] @ k[0, h].T * 0.125, dim=-1)
+        assert torch.equal(got[0, 3 * h : 3 * h + 3], p @ v[0, h])
+
+
 def test_decode_equals_softmax_attention_over_the_dequantised_cache():
     torch.manual_seed(1)
     keys, values = torch.randn(2, 32, 32), torch.randn(2, 32, 32)
