@@ -153,6 +153,37 @@ def attention_stats_reference(
     return out.to(q.dtype), stats
 
 
+def decode_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per head that sees every key (a decoding step): q [Hq, 1, D], k/v
+    [Hkv, L, D]. Returns (output [Hq, 1, D] in q's dtype, probabilities [Hq, L] float32).
+
+    The output and ``received`` (equal to ``window`` for one query) that
+    ``attention_stats_reference`` returns for such a query, bit for bit: the same operations
+    in the same order, without the per-row statistics a decoding step does not read
+    (tests/kvlens_kernels/test_attention_stats.py checks the two against each other)."""
+    hq, tq, d = q.shape
+    hkv, tk, _ = k.shape
+    if tq != 1 or hq % hkv:
+        raise ValueError(f"one query per head and whole KV groups, got q {tuple(q.shape)}")
+    group = hq // hkv
+    qf = (q.float() * scale).view(hkv, group, d)
+    s = torch.bmm(qf, k.float().transpose(1, 2)).view(hq, 1, tk)
+    if softcap is not None:
+        s = torch.tanh(s / softcap).mul_(softcap)
+    s.sub_(s.amax(-1, keepdim=True))
+    p = torch.exp(s)
+    p.div_(p.sum(-1, keepdim=True))
+    out = torch.matmul(p.view(hkv, group, tk), v.float()).view(hq, 1, d)
+    return out.to(q.dtype), p.view(hq, tk)
+
+
 def triton_supports(q: torch.Tensor, mask, want_probs: bool, softcap) -> bool:
     """Whether the Triton kernels cover this call (CUDA, causal/sliding, no maps, d in 16..256)."""
     d = q.shape[-1]

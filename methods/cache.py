@@ -23,7 +23,11 @@ import copy
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvlens_kernels.attention_stats import attention_stats_reference, attention_with_stats
+from kvlens_kernels.attention_stats import (
+    attention_stats_reference,
+    attention_with_stats,
+    decode_attention_reference,
+)
 from kvlens_kernels.sparse_decode import sparse_decode
 from methods.base import DecodeStep, Method, Observation
 from methods.memory import element_bytes
@@ -130,6 +134,23 @@ class HeadStore:
         self._lengths[head] = m
         self._lengths_device = None
 
+    def keep_heads(self, indices: dict[int, torch.Tensor]) -> None:
+        """``keep`` for several heads (head -> index). When every head keeps the same number
+        of tokens, each buffer is gathered once for all heads (the rows ``keep`` writes head by
+        head: a decoding step of a continuous eviction evicts every head to one budget)."""
+        counts = {int(index.numel()) for index in indices.values()}
+        if sorted(indices) != list(range(self.n_heads)) or len(counts) != 1:
+            for head, index in indices.items():
+                self.keep(head, index)
+            return
+        m = counts.pop()
+        order = torch.stack([indices[h] for h in range(self.n_heads)]).to(self._keys.device)
+        order = order.sort(dim=1).values
+        for buf in (self._keys, self._values, self._positions, *self._aux.values()):
+            _gather_rows(buf, order)
+        self._lengths = [m] * self.n_heads
+        self._lengths_device = None
+
     def shrink(self) -> None:
         """Give back capacity far beyond the longest head (after an eviction at prefill)."""
         longest = max(self._lengths)
@@ -156,6 +177,12 @@ class HeadStore:
         return sum(self._lengths) * per_token
 
 
+def _gather_rows(buf: torch.Tensor, order: torch.Tensor) -> None:
+    """In ``buf`` [H, C, ...], move head h's rows ``order[h]`` (``order`` [H, m]) to [0, m)."""
+    index = order.view(*order.shape, *[1] * (buf.dim() - 2)).expand(*order.shape, *buf.shape[2:])
+    buf[:, : order.shape[1]] = torch.gather(buf, 1, index)  # gathered before rows are written
+
+
 class CompressedLayer(CacheLayerMixin):
     """One layer of a CompressedCache."""
 
@@ -177,6 +204,9 @@ class CompressedLayer(CacheLayerMixin):
         #: decode steps through the store's kernel where the method allows (False: always
         #: the statistics path, e.g. to compare the two)
         self.use_decode_kernels = True
+        #: statistics-path decode steps attend for every KV head in one batched call when the
+        #: heads hold the same number of tokens (False: one head at a time, e.g. to compare)
+        self.batch_heads = True
         #: per decoding step of a selecting method (sparse family): bytes read by the
         #: selection, from the device store and from host memory
         self.reads: list[tuple[int, int, int]] = []
@@ -243,10 +273,11 @@ class CompressedLayer(CacheLayerMixin):
         # log n: methods.merging.kvcluster); read on every call after the first
         bias = store.logit_bias() if hasattr(store, "logit_bias") else None
         first_call = self.n_seen == 0
+        whole = None  # (received, window) of every query head, where one call covers all heads
         if first_call:
             # every head holds the whole causal prompt: one dispatched call (the Triton
             # statistics kernels on CUDA) covers all heads
-            o, whole = attention_with_stats(
+            o, stats = attention_with_stats(
                 query[0],
                 torch.stack(all_keys),
                 torch.stack(all_values),
@@ -256,11 +287,32 @@ class CompressedLayer(CacheLayerMixin):
                 softcap=softcap,
             )
             out[0] = o
+            whole = stats.received, stats.window
+        elif (
+            tq == 1
+            and self.batch_heads
+            and sliding_window is None
+            and bias is None
+            and len({k.shape[0] for k in all_keys}) == 1
+        ):
+            # a decoding step whose heads hold the same number of tokens: its query sees every
+            # stored position, so one batched call gives every head's output and attention row
+            # (the numbers of the per-head path below, which also computes row statistics no
+            # method reads while decoding)
+            o, probs = decode_attention_reference(
+                query[0],
+                torch.stack(all_keys),
+                torch.stack(all_values),
+                scale=scale,
+                softcap=softcap,
+            )
+            out[0] = o
+            whole = probs, probs  # one query: its window is the whole call
         for h in range(store.n_heads):
             rows = slice(h * group, (h + 1) * group)
             q_h = query[0, rows]  # [G, Tq, D]
-            if first_call:
-                head_received, head_window = whole.received[rows], whole.window[rows]
+            if whole is not None:
+                head_received, head_window = whole[0][rows], whole[1][rows]
             else:  # kept positions are no longer 0..n-1: the causal rule comes as a mask
                 pos = all_pos[h]
                 allowed = pos[None, :] <= new_pos[:, None]

@@ -63,11 +63,17 @@ class EvictionMethod(Method):
             self.observe(store, obs)
         if not self.evicts_now(obs):
             return
+        chosen = {}  # each head's selection reads only that head's rows and state
         for head, budget in enumerate(self.head_budgets(obs)):
             n = obs.positions[head].numel()
             if n <= budget:
                 continue
-            store.keep(head, self.select(store, obs, head, budget))
+            chosen[head] = self.select(store, obs, head, budget)
+        if hasattr(store, "keep_heads"):
+            store.keep_heads(chosen)  # one gather per buffer when the heads keep alike
+        else:
+            for head, index in chosen.items():
+                store.keep(head, index)
 
     def select(self, store, obs: Observation, head: int, budget: int) -> torch.Tensor:
         """Indices of the tokens to keep: protected first, then the highest scores."""

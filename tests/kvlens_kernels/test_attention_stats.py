@@ -91,3 +91,26 @@ def test_additive_float_mask_equals_bool_mask():
     torch.testing.assert_close(a_out, b_out)
     torch.testing.assert_close(a.received, b.received)
     torch.testing.assert_close(a.entropy, b.entropy)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("tk", [1, 2, 5, 7, 64, 131, 497])  # 1-5: products bmm loops itself
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_decode_reference_is_the_statistics_path_per_head_bit_for_bit(group, tk, softcap):
+    """A compressed cache's decoding step used to call the statistics reference once per KV
+    head with its causal mask (all True: every stored position is visible); the batched
+    decode call must give the same output and attention rows, not merely close ones."""
+    torch.manual_seed(tk * group)
+    hkv, d = 3, 64
+    q = torch.randn(hkv * group, 1, d) * 2
+    k, v = torch.randn(hkv, tk, d) * 3, torch.randn(hkv, tk, d)
+    out, probs = attention_stats.decode_attention_reference(q, k, v, scale=0.125, softcap=softcap)
+    allowed = torch.ones(1, tk, dtype=torch.bool)
+    for h in range(hkv):
+        rows = slice(h * group, (h + 1) * group)
+        want_out, st = attention_stats_reference(
+            q[rows], k[h][None], v[h][None], scale=0.125, mask=allowed, softcap=softcap
+        )
+        assert torch.equal(out[rows], want_out)
+        assert torch.equal(probs[rows], st.received)
+        assert torch.equal(probs[rows], st.window)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from methods.cache import CompressedCache
+from methods.cache import CompressedCache, HeadStore
 from methods.evaluate import greedy, prefill_logits
 from methods.registry import available, create
 from tests.conftest import passage
@@ -37,10 +37,11 @@ SPECS = {
 }
 
 
-def _run(model, tok, ids, spec, kernels: bool):
+def _run(model, tok, ids, spec, kernels: bool, batch_heads: bool = True):
     cache = CompressedCache(model, create(spec))
     for layer in cache.layers:
         layer.use_decode_kernels = kernels
+        layer.batch_heads = batch_heads
     with torch.inference_mode():
         first = prefill_logits(model, ids, cache, tok)
         tokens, logits = greedy(model, first, cache, 10, eos=set())
@@ -79,3 +80,50 @@ def test_methods_that_read_statistics_or_rotate_keep_the_statistics_path(smol):
         with torch.inference_mode():
             prefill_logits(model, ids, cache)
         assert not cache.layers[0].decodes_from_store(), spec
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["h2o:budget=32", "tova:budget=32", "scissorhands:budget=32", "h2o:budget=32,schedule=prefill"],
+)
+def test_batched_statistics_decode_equals_one_head_at_a_time_exactly(smol, spec):
+    """A decoding step that reads attention statistics attends for every KV head in one call
+    when the heads hold the same number of tokens (and a continuous eviction then keeps every
+    head's rows with one gather per buffer): tokens, logits and kept positions are exactly
+    those of one head at a time, not merely close."""
+    model, tok = smol
+    ids = tok(passage(3))["input_ids"]
+    batched, tokens_b, logits_b = _run(model, tok, ids, spec, kernels=False)
+    single, tokens_s, logits_s = _run(model, tok, ids, spec, kernels=False, batch_heads=False)
+    assert tokens_b == tokens_s
+    assert torch.equal(logits_b, logits_s)
+    for layer in range(len(batched.layers)):
+        assert len(set(batched.layers[layer].store.lengths())) == 1  # the batched path ran
+        for a, b in zip(batched.kept_positions(layer), single.kept_positions(layer), strict=True):
+            assert torch.equal(a, b)
+    assert batched.nbytes() == single.nbytes()
+
+
+@pytest.mark.parametrize("counts", [[5, 5, 5], [5, 3, 7]])
+def test_keep_heads_equals_keep_one_head_at_a_time(counts):
+    """``HeadStore.keep_heads`` (one gather per buffer when the heads keep alike) leaves every
+    buffer, length and per-token state as ``keep`` head by head does."""
+    torch.manual_seed(len(set(counts)))
+    stores = [HeadStore(3, 8, torch.float32, "cpu") for _ in range(2)]
+    keys, values = torch.randn(3, 12, 8), torch.randn(3, 12, 8)
+    for store in stores:
+        store.append(keys, values, torch.arange(12))
+        score = store.aux_state("score")
+        for h in range(3):
+            score[h] += torch.arange(12.0) * (h + 1)
+    picks = {h: torch.randperm(12)[:n] for h, n in enumerate(counts)}
+    for h, index in picks.items():
+        stores[0].keep(h, index)
+    stores[1].keep_heads(picks)
+    a, b = stores
+    assert a.lengths() == b.lengths() == counts
+    for name in ("keys", "values", "positions"):
+        for x, y in zip(getattr(a, name), getattr(b, name), strict=True):
+            assert torch.equal(x, y), name
+    for x, y in zip(a.aux["score"], b.aux["score"], strict=True):
+        assert torch.equal(x, y)
