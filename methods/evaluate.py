@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from methods import fast_runs
 from methods.cache import CompressedCache, full_cache_nbytes
 from methods.registry import create, split_specs
 from probes.capture import check_length
@@ -171,7 +172,8 @@ def compare(model, tokenizer, prompt_ids, specs, **kwargs) -> Comparison:
     """Compare ``full`` and every method spec on one prompt; see the module docstring.
 
     Keyword arguments: ``max_new_tokens`` (default 32), ``answers``, ``score`` (a function
-    of the generated text), ``continuation`` (held-out text for perplexity), ``progress``.
+    of the generated text), ``continuation`` (held-out text for perplexity), ``progress``,
+    ``fast_decode`` (decode through ``methods.fast_runs`` where it applies; default: on CUDA).
     Running out of memory ends in one KvlensError line.
     """
     try:
@@ -194,6 +196,7 @@ def _compare(
     score: Callable[[str], float] | None = None,
     continuation: str | None = None,
     progress: Callable[[str], None] | None = None,
+    fast_decode: bool | None = None,
 ) -> Comparison:
     if isinstance(specs, str):
         specs = split_specs(specs)
@@ -223,6 +226,9 @@ def _compare(
     def prefill(cache) -> torch.Tensor:
         return prefill_logits(model, prompt_ids, cache, tokenizer)
 
+    if fast_decode is None:  # on a GPU, decode through captured steps where they apply
+        fast_decode = model.device.type == "cuda" and fast_runs.plain_model(model)
+
     results: list[MethodResult] = []
     with torch.inference_mode():
         if progress:
@@ -231,7 +237,12 @@ def _compare(
         full_cache = DynamicCache()
         full_first = prefill(full_cache)
         ref_cont_cache = copy.deepcopy(full_cache) if cont_ids else None
-        ref_tokens, ref_logits = greedy(model, full_first, full_cache, max_new_tokens, eos)
+        if fast_decode and fast_runs.applies(model, full_cache):
+            ref_tokens, ref_logits, _ = fast_runs.greedy(
+                model, full_first, full_cache, max_new_tokens, eos
+            )
+        else:
+            ref_tokens, ref_logits = greedy(model, full_first, full_cache, max_new_tokens, eos)
         full_time = time.perf_counter() - t0
         full_bytes = full_cache_nbytes(model, n_prompt + len(ref_tokens) - 1)
         if cont_ids:
@@ -276,10 +287,14 @@ def _compare(
                 ]
                 return kept, own.nbytes()
 
-            # the method's own greedy run and the teacher-forced one share their common steps
-            tf_logits, tokens, (kept, nbytes), own_s = replay(
-                model, first, cache, ref_tokens, max_new_tokens, eos, measure
-            )
+            if fast_decode and fast_runs.applies(model, cache):
+                tf_logits, tokens, (kept, nbytes), own_s = fast_runs.replay(
+                    model, first, cache, ref_tokens, max_new_tokens, eos
+                )
+            else:  # the method's own greedy run and the teacher-forced one share common steps
+                tf_logits, tokens, (kept, nbytes), own_s = replay(
+                    model, first, cache, ref_tokens, max_new_tokens, eos, measure
+                )
             elapsed = prefill_s + own_s
             kls, agree = divergence(ref_logits, tf_logits)
             if cont_ids:

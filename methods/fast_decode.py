@@ -31,7 +31,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvlens_kernels.quant_decode import QuantKV, quant_decode_triton
-from kvlens_kernels.sparse_decode import sparse_decode_triton
+from kvlens_kernels.sparse_decode import sparse_decode_reference, sparse_decode_triton
 from methods.cache import CompressedCache, HeadStore
 from methods.memory import element_bytes
 from probes.attention import hand_over
@@ -99,6 +99,9 @@ class SparseLayer(_DecodeLayer):
         #: whether the bytes count an int32 position per token (an evicted cache's, which
         #: must say which tokens it kept; the full cache's positions are its row numbers)
         self.positions = positions
+        #: bytes per token of the method's per-token state that the store it came from held
+        #: (``HeadStore`` counts them; prefill-only eviction no longer updates them)
+        self.state_bytes = 0
 
     @classmethod
     def from_rows(cls, keys, values, lengths, layer_idx, n_seen, new: int, positions=False):
@@ -116,7 +119,11 @@ class SparseLayer(_DecodeLayer):
         """Serving bytes of the rows in use (``methods.memory``); reads the lengths."""
         per_token = 2 * self.keys.shape[3] * element_bytes(self.keys.dtype)
         per_token += element_bytes(torch.int32) if self.positions else 0
-        return int(self.lengths.sum()) * per_token
+        return int(self.lengths.sum()) * (per_token + self.state_bytes)
+
+    def kept(self) -> list[int]:
+        """Tokens each KV head holds (reads the lengths)."""
+        return self.lengths[0].tolist()
 
     def append(self, key, value) -> None:
         index = (self._heads, self.lengths[0].long())
@@ -126,6 +133,11 @@ class SparseLayer(_DecodeLayer):
 
     def attend(self, query, key, value, *, scale: float, sliding_window=None, softcap=None):
         _plain(sliding_window, softcap)
+        if not self.keys.is_cuda:  # a CPU step (graph=False) reads the same rows exactly
+            out = sparse_decode_reference(
+                query[:, :, 0], self.keys, self.values, self.lengths, scale=scale
+            )
+            return out[:, :, None]
         out = sparse_decode_triton(
             query[:, :, 0], self.keys, self.values, self.lengths,
             scale=scale, max_length=self.keys.shape[2],
@@ -169,6 +181,10 @@ class QuantLayer(_DecodeLayer):
 
     def nbytes(self) -> int:
         return self.store.nbytes()
+
+    def kept(self) -> list[int]:
+        """Tokens each KV head holds (the store's host counts)."""
+        return self.store.lengths()
 
     def after_step(self) -> None:
         super().after_step()
@@ -279,6 +295,10 @@ class EvictingLayer(_DecodeLayer):
         per_token += element_bytes(self.score.dtype) if self.h2o else 0
         return int(self.lengths) * self.keys.shape[0] * per_token
 
+    def kept(self) -> list[int]:
+        """Tokens each KV head holds (every head the same; reads the length)."""
+        return [int(self.lengths)] * self.keys.shape[0]
+
 
 class DecodeCache(Cache):
     """The cache a fast decoder's model steps run on: one ``_DecodeLayer`` per layer."""
@@ -295,7 +315,8 @@ def _continuous(method) -> bool:
     return type(method) in (H2O, TOVA) and method.schedule == "continuous"
 
 
-def _eligible(cache: CompressedCache) -> None:
+def eligible(cache: CompressedCache) -> None:
+    """Raise a one-line KvlensError unless the fast decoder can take ``cache``'s method."""
     from methods.eviction.base import EvictionMethod
     from methods.quantization.int8 import Int8
     from methods.quantization.kivi import KIVI
@@ -314,6 +335,8 @@ def _eligible(cache: CompressedCache) -> None:
         type(layer.store) is HeadStore and len(set(layer.store.lengths())) == 1
         for layer in cache.layers
     )
+    if quantised and store.device.type != "cuda":
+        raise KvlensError(f"{method.spec()}: the fast decoder's quantised step runs on CUDA")
     if not ((quantised or evicted) and kernels or continuous):
         raise KvlensError(
             f"{method.spec()}: the fast decoder takes quantised caches (KIVI, int8), eviction "
@@ -325,18 +348,18 @@ def decode_layers(cache, new: int) -> list[_DecodeLayer]:
     """Decode layers with room for ``new`` tokens from a prefilled cache: a transformers
     ``DynamicCache`` (the full cache) or an eligible ``CompressedCache`` (its stores move)."""
     if isinstance(cache, CompressedCache):
-        _eligible(cache)
+        eligible(cache)
         layers = []
         for i, layer in enumerate(cache.layers):
             store = layer.store
             if _continuous(cache.method):
                 layers.append(EvictingLayer(store, cache.method, i, layer.n_seen))
             elif isinstance(store, HeadStore):
-                layers.append(
-                    SparseLayer.from_rows(
-                        store._keys, store._values, store.lengths(), i, layer.n_seen, new, True
-                    )
+                sparse = SparseLayer.from_rows(
+                    store._keys, store._values, store.lengths(), i, layer.n_seen, new, True
                 )
+                sparse.state_bytes = sum(element_bytes(b.dtype) for b in store._aux.values())
+                layers.append(sparse)
             else:
                 layers.append(QuantLayer(store, i, layer.n_seen, new))
         return layers
@@ -360,6 +383,8 @@ class FastDecoder:
         device = layers[0].lengths.device
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.position = torch.full((1, 1), layers[0].n_seen, dtype=torch.long, device=device)
+        #: float32 next-token logits of the last step (one buffer, rewritten by every step)
+        self.logits: torch.Tensor | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
 
     def nbytes(self) -> int:
@@ -371,7 +396,11 @@ class FastDecoder:
             input_ids=self.token, **position_args(self.model, self.position),
             **cache_arg(self.model, self.cache), use_cache=True, logits_to_keep=1,
         )  # fmt: skip
-        self.token.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
+        last = out.logits[0, -1]
+        if self.logits is None:  # the first, eager step allocates the buffer the graph writes
+            self.logits = torch.empty(last.shape, dtype=torch.float32, device=last.device)
+        self.logits.copy_(last)
+        self.token.copy_(last.argmax(-1)[None, None])
         self.position += 1
 
     def _after_step(self) -> None:
@@ -395,6 +424,17 @@ class FastDecoder:
         else:
             self._step()
         self._after_step()
+
+    def step(self, token: int) -> torch.Tensor:
+        """Feed ``token``; the float32 next-token logits after it (the decoder's buffer: the
+        next step rewrites it)."""
+        self.token.fill_(token)
+        self._run_step()
+        return self.logits
+
+    def kept(self) -> list[list[int]]:
+        """Tokens each layer's KV heads hold (reads lengths from the device)."""
+        return [layer.kept() for layer in self.layers]
 
     def generate(self, first: torch.Tensor, steps: int) -> torch.Tensor:
         """Tokens [steps] following ``first`` ([1, 1], the prefill's argmax), greedy."""
