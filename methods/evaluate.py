@@ -246,7 +246,9 @@ def _compare(
         full_time = time.perf_counter() - t0
         full_bytes = full_cache_nbytes(model, n_prompt + len(ref_tokens) - 1)
         if cont_ids:
-            full_cont_logits = teacher_forced(model, full_first, ref_cont_cache, cont_ids)
+            fast = fast_decode and fast_runs.applies(model, ref_cont_cache)
+            forced = fast_runs.teacher_forced if fast else teacher_forced
+            full_cont_logits = forced(model, full_first, ref_cont_cache, cont_ids)
             full_ppl = math.exp(_nll(full_cont_logits, cont_ids))
         else:
             full_ppl = math.exp(_nll(ref_logits, ref_tokens))
@@ -298,7 +300,9 @@ def _compare(
             elapsed = prefill_s + own_s
             kls, agree = divergence(ref_logits, tf_logits)
             if cont_ids:
-                ppl = math.exp(_nll(teacher_forced(model, first, cont_cache, cont_ids), cont_ids))
+                fast = fast_decode and fast_runs.applies(model, cont_cache)
+                forced = fast_runs.teacher_forced if fast else teacher_forced
+                ppl = math.exp(_nll(forced(model, first, cont_cache, cont_ids), cont_ids))
             else:
                 ppl = math.exp(_nll(tf_logits, ref_tokens))
             text = tokenizer.decode(tokens, skip_special_tokens=True)

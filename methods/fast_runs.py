@@ -96,10 +96,16 @@ def replay(
     else:
         measured = decoder.kept(), decoder.nbytes()
     del decoder
-    tf_logits = [first_logits]
-    if len(reference) > 1:
+    return teacher_forced(model, first_logits, forced, reference), tokens, measured, own_s
+
+
+def teacher_forced(model, first_logits: torch.Tensor, cache, tokens: list[int]):
+    """``evaluate.teacher_forced`` on the fast decoder: the logits predicting each of
+    ``tokens`` when the earlier ones are fed in. ``cache`` is consumed."""
+    logits = [first_logits]
+    if len(tokens) > 1:
         steps = FastDecoder(
-            model, decode_layers(forced, len(reference) - 1), graph=first_logits.is_cuda
+            model, decode_layers(cache, len(tokens) - 1), graph=first_logits.is_cuda
         )
-        tf_logits += [steps.step(tok).clone() for tok in reference[:-1]]
-    return tf_logits, tokens, measured, own_s
+        logits += [steps.step(tok).clone() for tok in tokens[:-1]]
+    return logits

@@ -24,17 +24,20 @@ SPECS = (
 def test_fast_runs_give_what_the_eager_runs_give(smol, monkeypatch):
     model, tok = smol
     ids = tok(passage(2))["input_ids"]
-    kwargs = {"max_new_tokens": 12}
+    # a held-out continuation: perplexity comes from a teacher-forced run along it
+    kwargs = {"max_new_tokens": 12, "continuation": " His daughter Mira painted the door blue."}
     eager = compare(model, tok, ids, SPECS, fast_decode=False, **kwargs).results
     calls = []  # which runs went through the fast decoder (the real functions, counted)
-    for name in ("greedy", "replay"):
+    for name in ("greedy", "replay", "teacher_forced"):
         real = getattr(fast_runs, name)
         monkeypatch.setattr(
             fast_runs, name, lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k)
         )
     fast = compare(model, tok, ids, SPECS, fast_decode=True, **kwargs).results
-    # the full cache's greedy run and three methods' runs; KIVI's step is a CUDA kernel
-    assert calls[0] == "greedy" and calls.count("replay") == 3  # (a replay's own greedy run too)
+    # KIVI's step is a CUDA kernel: its runs stay eager here
+    # the full cache's runs and three methods'; a replay runs a greedy and a forced run too
+    assert calls[:2] == ["greedy", "teacher_forced"] and calls.count("replay") == 3
+    assert calls.count("teacher_forced") == 1 + 3 + 3
     assert [r.spec for r in fast] == [r.spec for r in eager]
     for a, b in zip(fast, eager, strict=True):
         assert a.token_ids == b.token_ids, a.spec
