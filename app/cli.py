@@ -195,6 +195,7 @@ def cmd_compare(args) -> int:
             score=task.score if task else None,
             continuation=(task.continuation if task else args.continuation),
             progress=progress,
+            fast_decode=False if args.eager_decode else None,
         )
         bar.update(len(specs) - bar.n)
     header = (
@@ -712,6 +713,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--xray",
         action="store_true",
         help="also X-ray each method: kept/evicted tokens, dropped attention, first divergence",
+    )
+    p.add_argument(
+        "--eager-decode",
+        action="store_true",
+        help="on a GPU, decode token by token in Python instead of replaying one captured CUDA "
+        "graph per step where the method allows (the default; same tokens up to rounding)",
     )
     p.set_defaults(func=cmd_compare)
 

@@ -63,6 +63,7 @@ def test_cli_compare_writes_json_and_prints_a_row_per_method(tmp_path):
         "4",
         "--json",
         str(out),
+        "--eager-decode",  # (the CPU's default anyway; the flag must parse)
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
