@@ -44,6 +44,39 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 if triton is not None:
 
     @triton.jit
+    def attend_page_slots(
+        q, k_base, v_base, p_base, start, end, length, PAGE, stride_kc, stride_vc, scale_log2,
+        GP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IN_PAGE: tl.constexpr,
+    ):  # fmt: skip
+        """The online softmax of one query group [GP, D] over selected slots [start, end): slot
+        s is row pages[s // PAGE] * PAGE + s % PAGE of the head (``p_base`` points at its page
+        indices), rows at or past ``length`` skipped (a partial last page). Returns the
+        unnormalised (m, l, acc) for ``split_decode.store_partial``; shared by this module's
+        split kernel and ``page_step``'s fused one."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, HEAD_DIM], tl.float32)
+        for n0 in tl.range(start, end, BLOCK_N):
+            slots = n0 + tl.arange(0, BLOCK_N)
+            ok = slots < end
+            if IN_PAGE:  # the block lies in one page: one index, contiguous rows
+                page = tl.load(p_base + n0 // PAGE)
+                rows = page.to(tl.int64) * PAGE + (n0 % PAGE) + tl.arange(0, BLOCK_N)
+            else:
+                page = tl.load(p_base + slots // PAGE, mask=ok, other=0)
+                rows = page.to(tl.int64) * PAGE + slots % PAGE
+            ok = ok & (rows < length)  # the last page may be partial
+            k = tl.load(
+                k_base + rows[:, None] * stride_kc + offs_d[None, :], mask=ok[:, None], other=0.0
+            )
+            v = tl.load(
+                v_base + rows[:, None] * stride_vc + offs_d[None, :], mask=ok[:, None], other=0.0
+            )
+            m_i, l_i, acc = softmax_block(q, k, v, ok, m_i, l_i, acc, scale_log2)
+        return m_i, l_i, acc
+
+    @triton.jit
     def _page_decode_split(
         Q, K, V, LENGTHS, PAGES, N_PAGES, O_PART, L_PART,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kc, stride_vb, stride_vh, stride_vc,
@@ -67,29 +100,13 @@ if triton is not None:
             mask=(offs_g < GROUP)[:, None],
             other=0.0,
         )
-        m_i = tl.full([GP], float("-inf"), tl.float32)
-        l_i = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, HEAD_DIM], tl.float32)
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
         p_base = PAGES + b * stride_pb + h * stride_ph
-        for n0 in tl.range(start, end, BLOCK_N):
-            slots = n0 + tl.arange(0, BLOCK_N)
-            ok = slots < end
-            if IN_PAGE:  # the block lies in one page: one index, contiguous rows
-                page = tl.load(p_base + n0 // PAGE)
-                rows = page.to(tl.int64) * PAGE + (n0 % PAGE) + tl.arange(0, BLOCK_N)
-            else:
-                page = tl.load(p_base + slots // PAGE, mask=ok, other=0)
-                rows = page.to(tl.int64) * PAGE + slots % PAGE
-            ok = ok & (rows < length)  # the last page may be partial
-            k = tl.load(
-                k_base + rows[:, None] * stride_kc + offs_d[None, :], mask=ok[:, None], other=0.0
-            )
-            v = tl.load(
-                v_base + rows[:, None] * stride_vc + offs_d[None, :], mask=ok[:, None], other=0.0
-            )
-            m_i, l_i, acc = softmax_block(q, k, v, ok, m_i, l_i, acc, scale_log2)
+        m_i, l_i, acc = attend_page_slots(
+            q, k_base, v_base, p_base, start, end, length, PAGE, stride_kc, stride_vc, scale_log2,
+            GP, HEAD_DIM, BLOCK_N, IN_PAGE,
+        )  # fmt: skip
         store_partial(O_PART, L_PART, (pid_bh * N_SPLITS + split) * GP, m_i, l_i, acc, GP, HEAD_DIM)
 
 

@@ -55,8 +55,9 @@ try:  # Triton is optional on CPU-only installs
     import triton
     import triton.language as tl
 
+    from kvlens_kernels.page_decode import attend_page_slots
     from kvlens_kernels.page_select import choose_pages
-    from kvlens_kernels.split_decode import softmax_block, store_partial
+    from kvlens_kernels.split_decode import store_partial
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
@@ -109,28 +110,12 @@ if triton is not None:
             mask=real[:, None],
             other=0.0,
         )
-        m_i = tl.full([GP], float("-inf"), tl.float32)
-        l_i = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, HEAD_DIM], tl.float32)
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
-        for n0 in tl.range(start, end, BLOCK_N):
-            slots = n0 + tl.arange(0, BLOCK_N)
-            ok = slots < end
-            if IN_PAGE:  # the block lies in one page: one index, contiguous rows
-                page = tl.load(p_base + n0 // PAGE)
-                rows = page.to(tl.int64) * PAGE + (n0 % PAGE) + tl.arange(0, BLOCK_N)
-            else:
-                page = tl.load(p_base + slots // PAGE, mask=ok, other=0)
-                rows = page.to(tl.int64) * PAGE + slots % PAGE
-            ok = ok & (rows < length)  # the last page may be partial
-            k = tl.load(
-                k_base + rows[:, None] * stride_kc + offs_d[None, :], mask=ok[:, None], other=0.0
-            )
-            v = tl.load(
-                v_base + rows[:, None] * stride_vc + offs_d[None, :], mask=ok[:, None], other=0.0
-            )
-            m_i, l_i, acc = softmax_block(q, k, v, ok, m_i, l_i, acc, scale_log2)
+        m_i, l_i, acc = attend_page_slots(
+            q, k_base, v_base, p_base, start, end, length, PAGE, stride_kc, stride_vc, scale_log2,
+            GP, HEAD_DIM, BLOCK_N, IN_PAGE,
+        )  # fmt: skip
         row0 = pid_bh * N_SPLITS * GP
         store_partial(O_PART, L_PART, row0 + split * GP, m_i, l_i, acc, GP, HEAD_DIM)
         # every thread's partial is written before the counter moves (release), and the last
