@@ -33,12 +33,13 @@ class AttentionStats:
 
     received: torch.Tensor  # [Hq, Tk]
     window: torch.Tensor  # [Hq, Tk]
-    lse: torch.Tensor  # [Hq, Tq]
-    entropy: torch.Tensor  # [Hq, Tq]
-    sink_mass: torch.Tensor  # [Hq, Tq]
-    max_prob: torch.Tensor  # [Hq, Tq]
-    mean_distance: torch.Tensor  # [Hq, Tq]
-    local_mass: torch.Tensor  # [Hq, Tq]
+    # per query row; None where the caller asked for none (``per_row=False``)
+    lse: torch.Tensor | None  # [Hq, Tq]
+    entropy: torch.Tensor | None  # [Hq, Tq]
+    sink_mass: torch.Tensor | None  # [Hq, Tq]
+    max_prob: torch.Tensor | None  # [Hq, Tq]
+    mean_distance: torch.Tensor | None  # [Hq, Tq]
+    local_mass: torch.Tensor | None  # [Hq, Tq]
     probs: torch.Tensor | None = None  # [Hq, Tq, Tk] when asked for
 
 
@@ -67,11 +68,15 @@ def attention_stats_reference(
     mask: torch.Tensor | None = None,
     want_probs: bool = False,
     softcap: float | None = None,
+    per_row: bool = True,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Exact causal attention plus statistics, blockwise over queries (PyTorch, any device).
 
     ``mask``, when given, is a bool [Tq, Tk] (True = may attend) or an additive float mask
-    and replaces the causal/sliding rule. Returns (output [Hq, Tq, D] in q's dtype, stats).
+    and replaces the causal/sliding rule. ``per_row=False`` skips the per-row statistics (lse to
+    local_mass come back None; output, received and window are the same numbers): a
+    compressed cache's prefill reads only the columns. Returns (output [Hq, Tq, D] in q's
+    dtype, stats).
     """
     hq, tq, d = q.shape
     hkv, tk, _ = k.shape
@@ -86,9 +91,8 @@ def attention_stats_reference(
     out = torch.empty(hq, tq, d, device=dev, dtype=torch.float32)
     received = torch.zeros(hq, tk, device=dev)
     win = torch.zeros(hq, tk, device=dev)
-    row_stats = {
-        n: torch.empty(hq, tq, device=dev) for n in ("lse", "ent", "sink", "max", "dist", "local")
-    }
+    names = ("lse", "ent", "sink", "max", "dist", "local")
+    row_stats = {n: torch.empty(hq, tq, device=dev) if per_row else None for n in names}
     probs_all = torch.zeros(hq, tq, tk, device=dev) if want_probs else None
     block = max(16, min(tq, SLAB_BYTES // max(1, hq * tk * 4)))
     first_window_row = max(0, tq - window)
@@ -119,18 +123,8 @@ def attention_stats_reference(
         p = torch.exp(s)
         z = p.sum(-1, keepdim=True)
         p.div_(z)
-        log_z = torch.log(z[..., 0])
-        row_stats["lse"][:, i0:i1] = m[..., 0] + log_z
-        # entropy = log z - sum_k p_k (s_k - m); masked keys have p = 0 and finite s
-        row_stats["ent"][:, i0:i1] = log_z - torch.linalg.vecdot(p, s)
-        row_stats["sink"][:, i0:i1] = p[..., :sinks].sum(-1)
-        row_stats["max"][:, i0:i1] = 1.0 / z[..., 0]
-        kpos = torch.arange(visible, device=dev, dtype=torch.float32)
-        qpos = (rows + q_offset).float()
-        row_stats["dist"][:, i0:i1] = qpos[None, :] - p @ kpos
-        band_lo = max(0, q_offset + i0 - local + 1)  # keys any row of the block holds as local
-        band = (qpos[:, None] - kpos[None, band_lo:]) < local
-        row_stats["local"][:, i0:i1] = (p[..., band_lo:] * band).sum(-1)
+        if per_row:
+            _row_statistics(row_stats, i0, rows, p, s, m, z, q_offset, sinks, local)
         received[:, :visible] += p.sum(1)
         if i1 > first_window_row:
             lo = max(i0, first_window_row) - i0
@@ -153,6 +147,25 @@ def attention_stats_reference(
     return out.to(q.dtype), stats
 
 
+def _row_statistics(row_stats, i0, rows, p, s, m, z, q_offset, sinks, local) -> None:
+    """Write the per-row statistics of the block's query rows ``rows`` (i0 the first; ``p``
+    its probabilities, ``s`` its scores less the row maximum ``m``, ``z`` the row sums)."""
+    dev, visible = p.device, p.shape[-1]
+    i1 = i0 + p.shape[1]
+    log_z = torch.log(z[..., 0])
+    row_stats["lse"][:, i0:i1] = m[..., 0] + log_z
+    # entropy = log z - sum_k p_k (s_k - m); masked keys have p = 0 and finite s
+    row_stats["ent"][:, i0:i1] = log_z - torch.linalg.vecdot(p, s)
+    row_stats["sink"][:, i0:i1] = p[..., :sinks].sum(-1)
+    row_stats["max"][:, i0:i1] = 1.0 / z[..., 0]
+    kpos = torch.arange(visible, device=dev, dtype=torch.float32)
+    qpos = (rows + q_offset).float()
+    row_stats["dist"][:, i0:i1] = qpos[None, :] - p @ kpos
+    band_lo = max(0, q_offset + i0 - local + 1)  # keys any row of the block holds as local
+    band = (qpos[:, None] - kpos[None, band_lo:]) < local
+    row_stats["local"][:, i0:i1] = (p[..., band_lo:] * band).sum(-1)
+
+
 def decode_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -165,23 +178,39 @@ def decode_attention_reference(
     [Hkv, L, D]. Returns (output [Hq, 1, D] in q's dtype, probabilities [Hq, L] float32).
 
     The output and ``received`` (equal to ``window`` for one query) that
-    ``attention_stats_reference`` returns for such a query, bit for bit: the same operations
-    in the same order, without the per-row statistics a decoding step does not read
-    (tests/kvlens_kernels/test_attention_stats.py checks the two against each other)."""
+    ``attention_stats_reference`` returns for such a query: the same operations in the same
+    order, without the per-row statistics a decoding step does not read (``decode_probs``,
+    then the same product with the values)."""
+    p = decode_probs(q, k, scale=scale, softcap=softcap)
+    hq, hkv, d = q.shape[0], k.shape[0], q.shape[-1]
+    out = torch.matmul(p.view(hkv, hq // hkv, -1), v.float()).view(hq, 1, d)
+    return out.to(q.dtype), p
+
+
+def decode_probs(
+    q: torch.Tensor, k: torch.Tensor, *, scale: float, softcap: float | None = None
+) -> torch.Tensor:
+    """Attention [Hq, L] (float32) of one query per head that sees every key, q [Hq, 1, D]
+    over k [Hkv, L, D]: ``received`` of ``attention_stats_reference`` for that query.
+
+    Bit for bit when the reference gets every KV head at once (as a probe's recorded row
+    does). When it got one KV head per call (a compressed cache's decoding step did), the
+    batched product here gives each head's numbers where MKL's batched product rounds as a
+    single one: the embedded models' shapes (``split_decode.head_products``;
+    tests/kvlens_kernels/test_attention_stats.py checks both), else within float32
+    rounding."""
     hq, tq, d = q.shape
     hkv, tk, _ = k.shape
     if tq != 1 or hq % hkv:
         raise ValueError(f"one query per head and whole KV groups, got q {tuple(q.shape)}")
-    group = hq // hkv
-    qf = (q.float() * scale).view(hkv, group, d)
+    qf = (q.float() * scale).view(hkv, hq // hkv, d)
     s = torch.bmm(qf, k.float().transpose(1, 2)).view(hq, 1, tk)
     if softcap is not None:
         s = torch.tanh(s / softcap).mul_(softcap)
     s.sub_(s.amax(-1, keepdim=True))
     p = torch.exp(s)
     p.div_(p.sum(-1, keepdim=True))
-    out = torch.matmul(p.view(hkv, group, tk), v.float()).view(hq, 1, d)
-    return out.to(q.dtype), p.view(hq, tk)
+    return p.view(hq, tk)
 
 
 def triton_supports(q: torch.Tensor, mask, want_probs: bool, softcap) -> bool:
@@ -198,10 +227,11 @@ def triton_supports(q: torch.Tensor, mask, want_probs: bool, softcap) -> bool:
 
 
 def attention_with_stats(
-    q, k, v, *, mask=None, want_probs: bool = False, softcap=None, **kwargs
+    q, k, v, *, mask=None, want_probs: bool = False, softcap=None, per_row=True, **kwargs
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Dispatch: the Triton kernels on CUDA where they apply, the blockwise reference elsewhere
-    (CPU, explicit masks, full probability maps, softcapping)."""
+    (CPU, explicit masks, full probability maps, softcapping). ``per_row=False`` lets the
+    reference skip the per-row statistics (the Triton kernels compute them in passing)."""
     if triton_supports(q, mask, want_probs, softcap):
         try:
             from kvlens_kernels.attention_stats_triton import attention_stats_fast
@@ -211,5 +241,5 @@ def attention_with_stats(
             with torch.cuda.device(q.device):  # Triton launches on the current device
                 return attention_stats_fast(q, k, v, **kwargs)
     return attention_stats_reference(
-        q, k, v, mask=mask, want_probs=want_probs, softcap=softcap, **kwargs
+        q, k, v, mask=mask, want_probs=want_probs, softcap=softcap, per_row=per_row, **kwargs
     )

@@ -117,7 +117,8 @@ def sparse_decode_reference(
 ) -> torch.Tensor:
     """Exact attention of each query head over its KV head's first ``lengths`` rows. The KV
     heads of a sequence that hold the same number of rows attend in one batched product
-    (``attend_heads``: the same numbers as one head at a time)."""
+    (``attend_heads``: one head at a time's numbers at the embedded models' shapes, else
+    within float32 rounding)."""
     bsz, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv

@@ -29,6 +29,7 @@ from kvlens_kernels.attention_stats import (
     decode_attention_reference,
 )
 from kvlens_kernels.sparse_decode import sparse_decode
+from kvlens_kernels.split_decode import head_products
 from methods.base import DecodeStep, Method, Observation
 from methods.memory import element_bytes
 from probes.attention import hand_over
@@ -274,17 +275,22 @@ class CompressedLayer(CacheLayerMixin):
         bias = store.logit_bias() if hasattr(store, "logit_bias") else None
         first_call = self.n_seen == 0
         whole = None  # (received, window) of every query head, where one call covers all heads
+        last_rows = None  # the last query's attention [Hq, L], where one product covers all heads
         if first_call:
             # every head holds the whole causal prompt: one dispatched call (the Triton
             # statistics kernels on CUDA) covers all heads
+            stacked_keys = torch.stack(all_keys)
+            if tq > 1:
+                last_rows = _last_rows(query[0, :, -1], stacked_keys, scale, softcap)
             o, stats = attention_with_stats(
                 query[0],
-                torch.stack(all_keys),
+                stacked_keys,
                 torch.stack(all_values),
                 scale=scale,
                 window=window,
                 sliding_window=sliding_window,
                 softcap=softcap,
+                per_row=False,  # methods read the columns (received, window) only
             )
             out[0] = o
             whole = stats.received, stats.window
@@ -297,8 +303,8 @@ class CompressedLayer(CacheLayerMixin):
         ):
             # a decoding step whose heads hold the same number of tokens: its query sees every
             # stored position, so one batched call gives every head's output and attention row
-            # (the numbers of the per-head path below, which also computes row statistics no
-            # method reads while decoding)
+            # (the per-head path's numbers at the embedded models' shapes, else within float32
+            # rounding; that path also computes row statistics no method reads while decoding)
             o, probs = decode_attention_reference(
                 query[0],
                 torch.stack(all_keys),
@@ -329,9 +335,12 @@ class CompressedLayer(CacheLayerMixin):
                 head_received, head_window = st.received, st.window
             received.append(head_received)
             win.append(head_window)
-            last.append(
-                head_received if tq == 1 else _last_row(q_h[:, -1], all_keys[h], scale, softcap)
-            )
+            if tq == 1:
+                last.append(head_received)
+            elif last_rows is not None:
+                last.append(last_rows[rows])
+            else:
+                last.append(_last_rows(q_h[:, -1], all_keys[h][None], scale, softcap))
             window_queries.append(q_h[:, -window:])
         self.n_seen += tq
         attended = [p.cpu() for p in all_pos] if self.record_history else []
@@ -443,14 +452,18 @@ class CompressedLayer(CacheLayerMixin):
         return out.to(query.dtype)
 
 
-def _last_row(
+def _last_rows(
     q_last: torch.Tensor, keys: torch.Tensor, scale: float, softcap: float | None = None
 ) -> torch.Tensor:
-    """Attention of the last query (which sees every stored token): [G, L]."""
-    scores = q_last.float() @ keys.float().T * scale
+    """Attention of the last query (which sees every stored token) of each query head,
+    q_last [Hq, D], over KV heads of one length, keys [Hkv, L, D]: [Hq, L]. One batched
+    product, per head the numbers of ``q @ k.T`` (``split_decode.head_products``)."""
+    hkv, n, d = keys.shape
+    q = q_last.float().view(hkv, -1, d)
+    scores = head_products(q, keys.float().transpose(1, 2)) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    return torch.softmax(scores, dim=-1)
+    return torch.softmax(scores, dim=-1).view(-1, n)
 
 
 class CompressedCache(Cache):

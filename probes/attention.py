@@ -22,6 +22,7 @@ from kvlens_kernels.attention_stats import (
     AttentionStats,
     attention_stats_reference,
     attention_with_stats,
+    decode_probs,
 )
 
 ATTN_NAME = "kvlens"
@@ -247,7 +248,11 @@ def _last_query_row(
     sliding_window: int | None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention [Hq, Tk] of the prompt's last query: the row of decoding step 0."""
+    """Attention [Hq, Tk] of the call's last query: the row of decoding step 0 at the
+    prefill, of the step itself while decoding. Without a mask or a sliding window that query
+    sees every key: ``decode_probs`` (the reference's numbers, without its row statistics)."""
+    if mask is None and sliding_window is None:
+        return decode_probs(query[:, -1:], key, scale=scale, softcap=softcap)
     _, stats = attention_stats_reference(
         query[:, -1:],
         key,

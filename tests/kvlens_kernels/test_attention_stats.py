@@ -114,3 +114,43 @@ def test_decode_reference_is_the_statistics_path_per_head_bit_for_bit(group, tk,
         assert torch.equal(out[rows], want_out)
         assert torch.equal(probs[rows], st.received)
         assert torch.equal(probs[rows], st.window)
+
+
+@pytest.mark.parametrize("group, d", [(1, 64), (3, 64), (4, 256), (5, 64), (9, 64)])
+@pytest.mark.parametrize("tk", [1, 3, 64, 497])
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_decode_probs_is_the_whole_layer_reference_bit_for_bit(group, d, tk, softcap):
+    """A probe's recorded row (the last query over every key, all KV heads in one call):
+    ``decode_probs`` gives the reference's ``received`` exactly at every shape, for the
+    prompt's last query as for a decoding step's."""
+    torch.manual_seed(tk + group)
+    hkv = 3
+    q = torch.randn(hkv * group, 5, d) * 2
+    k, v = torch.randn(hkv, tk + 4, d) * 3, torch.randn(hkv, tk + 4, d)
+    for query, keys, values in ((q[:, -1:], k[:, :tk], v[:, :tk]), (q, k, v)):
+        if query.shape[1] > keys.shape[1]:
+            continue
+        _, st = attention_stats_reference(
+            query[:, -1:], keys, values, scale=0.125, window=1, softcap=softcap
+        )
+        got = attention_stats.decode_probs(query[:, -1:], keys, scale=0.125, softcap=softcap)
+        assert torch.equal(got, st.received)
+
+
+@pytest.mark.parametrize("slab_bytes", [64, 2**21])
+@pytest.mark.parametrize("sliding", [None, 8])
+def test_without_row_statistics_the_columns_and_output_are_unchanged(
+    monkeypatch, slab_bytes, sliding
+):
+    """``per_row=False`` (a compressed cache's prefill) skips lse .. local_mass and leaves
+    the output, received and window exactly as with them."""
+    monkeypatch.setattr(attention_stats, "SLAB_BYTES", slab_bytes)
+    torch.manual_seed(3)
+    q, k, v = torch.randn(9, 60, 64), torch.randn(3, 60, 64), torch.randn(3, 60, 64)
+    kw = {"scale": 0.125, "window": 7, "sliding_window": sliding}
+    out, st = attention_stats_reference(q, k, v, **kw)
+    lean_out, lean = attention_stats.attention_with_stats(q, k, v, per_row=False, **kw)
+    assert torch.equal(lean_out, out)
+    assert torch.equal(lean.received, st.received)
+    assert torch.equal(lean.window, st.window)
+    assert lean.lse is None and lean.local_mass is None and st.lse is not None

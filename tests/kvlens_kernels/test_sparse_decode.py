@@ -37,9 +37,9 @@ def one_head(q, k, v, scale):
     [[1, 1, 1], [2, 2, 2], [7, 7, 7], [130, 130, 130], [497, 497, 497], [497, 3, 64], [2, 1, 9]],
 )
 def test_reference_equals_one_head_at_a_time_bit_for_bit(group, lengths):
-    """Heads of one length attend in one batched product (ragged heads one at a time): the
-    numbers are those of one product per head, exactly, including the tiny products that
-    ``torch.bmm`` would compute with its own loop."""
+    """Heads of one length attend in one batched product (ragged heads one at a time): at
+    SmolLM2's head dim the numbers are those of one product per head, exactly, including the
+    tiny products that ``torch.bmm`` would compute with its own loop."""
     torch.manual_seed(sum(lengths) * group)
     hkv, d, cap = 3, 64, 520  # a capacity buffer, as the stores hold, past every length
     q = torch.randn(2, hkv * group, d) * 2
