@@ -63,17 +63,43 @@ class EvictionMethod(Method):
             self.observe(store, obs)
         if not self.evicts_now(obs):
             return
-        chosen = {}  # each head's selection reads only that head's rows and state
-        for head, budget in enumerate(self.head_budgets(obs)):
-            n = obs.positions[head].numel()
-            if n <= budget:
-                continue
-            chosen[head] = self.select(store, obs, head, budget)
+        budgets = self.head_budgets(obs)
+        over = [h for h, budget in enumerate(budgets) if obs.positions[h].numel() > budget]
+        chosen = self._select_together(store, obs, over, budgets)
+        if chosen is None:  # each head's selection reads only that head's rows and state
+            chosen = {h: self.select(store, obs, h, budgets[h]) for h in over}
         if hasattr(store, "keep_heads"):
             store.keep_heads(chosen)  # one gather per buffer when the heads keep alike
         else:
             for head, index in chosen.items():
                 store.keep(head, index)
+
+    def _select_together(
+        self, store, obs: Observation, heads: list[int], budgets: list[int]
+    ) -> dict[int, torch.Tensor] | None:
+        """``select`` of every head at once, where it is this class's own rule and every head
+        holds as many tokens and keeps as many (a decoding step of a continuous eviction):
+        the same scores and guards per head, one top-k over the stacked rows (per row what
+        ``torch.topk`` gives one row, ties included). None where that does not apply."""
+        lengths = {int(obs.positions[h].numel()) for h in heads}
+        if (
+            type(self).select is not EvictionMethod.select
+            or len(heads) < 2
+            or len(heads) != len(budgets)
+            or len(lengths) != 1
+            or len({budgets[h] for h in heads}) != 1
+        ):
+            return None
+        guards = [self.protected(obs, h) for h in heads]
+        if any(g is None for g in guards) and not all(g is None for g in guards):
+            return None
+        score = torch.stack([self.scores(store, obs, h).float() for h in heads])
+        if guards[0] is not None:
+            guard = torch.stack(guards)
+            pos = torch.stack([obs.positions[h] for h in heads]).float()
+            score[guard] = 1e30 + pos[guard]
+        keep = torch.topk(score, budgets[heads[0]], sorted=False).indices
+        return dict(zip(heads, keep.unbind(0), strict=True))
 
     def select(self, store, obs: Observation, head: int, budget: int) -> torch.Tensor:
         """Indices of the tokens to keep: protected first, then the highest scores."""

@@ -10,6 +10,7 @@ import torch
 
 from methods.cache import CompressedCache, HeadStore
 from methods.evaluate import greedy, prefill_logits
+from methods.eviction.base import EvictionMethod
 from methods.registry import available, create
 from tests.conftest import passage
 
@@ -82,19 +83,34 @@ def test_methods_that_read_statistics_or_rotate_keep_the_statistics_path(smol):
         assert not cache.layers[0].decodes_from_store(), spec
 
 
+def _keep_one_head_at_a_time(store, chosen):
+    for head, index in chosen.items():
+        store.keep(head, index)
+
+
 @pytest.mark.parametrize(
-    "spec",
-    ["h2o:budget=32", "tova:budget=32", "scissorhands:budget=32", "h2o:budget=32,schedule=prefill"],
+    "spec, kernels",
+    [
+        ("h2o:budget=32", False),
+        ("h2o:budget=32,normalise=mean", False),
+        ("tova:budget=32", False),
+        ("scissorhands:budget=32", False),
+        ("h2o:budget=32,schedule=prefill", False),
+        ("streamingllm:budget=32", True),
+    ],
 )
-def test_batched_statistics_decode_equals_one_head_at_a_time_exactly(smol, spec):
+def test_batched_heads_equal_one_head_at_a_time_exactly(smol, monkeypatch, spec, kernels):
     """A decoding step that reads attention statistics attends for every KV head in one call
-    when the heads hold the same number of tokens (and a continuous eviction then keeps every
-    head's rows with one gather per buffer): tokens, logits and kept positions are exactly
-    those of one head at a time, not merely close."""
+    when the heads hold the same number of tokens, and a continuous eviction selects every
+    head's tokens with one top-k and keeps them with one gather per buffer: on SmolLM2 the
+    tokens, logits and kept positions are exactly those of one head at a time."""
     model, tok = smol
     ids = tok(passage(3))["input_ids"]
-    batched, tokens_b, logits_b = _run(model, tok, ids, spec, kernels=False)
-    single, tokens_s, logits_s = _run(model, tok, ids, spec, kernels=False, batch_heads=False)
+    batched, tokens_b, logits_b = _run(model, tok, ids, spec, kernels=kernels)
+    with monkeypatch.context() as m:  # the per-head selection and keep, as before batching
+        m.setattr(EvictionMethod, "_select_together", lambda *args: None)
+        m.setattr(HeadStore, "keep_heads", _keep_one_head_at_a_time)
+        single, tokens_s, logits_s = _run(model, tok, ids, spec, kernels=kernels, batch_heads=False)
     assert tokens_b == tokens_s
     assert torch.equal(logits_b, logits_s)
     for layer in range(len(batched.layers)):
