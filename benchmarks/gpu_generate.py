@@ -13,8 +13,10 @@ Rows, all measured in one run on one model:
 * kvlens' fast decoder (``methods.fast_decode``): capacity buffers, lengths on the device, the
   whole step replayed from a CUDA graph, for the full cache and the compressed caches (KIVI-2
   through the quantised kernel, SnapKV keeping 10% of the prompt through the sparse kernel;
-  H2O and TOVA at 10% evicting at every step, scored on the device inside the graph).
-  ``--methods`` takes specs separated by ';' and the short names snapkv10, h2o10, tova10.
+  H2O, TOVA and StreamingLLM at 10% evicting at every step, ranked on the device inside
+  the graph).
+  ``--methods`` takes specs separated by ';' and the short names snapkv10, h2o10, tova10,
+  streamingllm10.
 
 Decode tokens/s counts the --new - 1 steps after the prefill's token. Each prompt length in
 --prompt (comma-separated) runs every row; ``--no-anchors`` / ``--no-eager`` leave rows out.
@@ -128,6 +130,7 @@ def run_prompt(model, cfg, prompt: int, args) -> None:
         "snapkv10": f"snapkv:budget={ten},window=32",
         "h2o10": f"h2o:budget={ten}",
         "tova10": f"tova:budget={ten}",
+        "streamingllm10": f"streamingllm:budget={ten}",
     }
     specs = [short.get(s, s) for s in args.methods.split(";")]
     # the fast decoder first (its full cache is the tokens' reference), the static anchor

@@ -18,8 +18,9 @@ replays (it knows every length without asking the device). H2O and TOVA on their
 schedule (evict after every step) run their scoring on the device inside the step
 (``EvictingLayer``): exact attention over a buffer of ``budget + 1`` rows, the method's score,
 ``torch.topk`` and a gather, the same operations in the same order as the eager statistics path
-(``methods.cache`` with ``methods.eviction``). Other methods that read attention statistics
-while decoding (Scissorhands, Keyformer, StreamingLLM's rolling window) are refused.
+(``methods.cache`` with ``methods.eviction``); StreamingLLM's rolling window runs in the same
+layer, ranked by position, attending through the sparse kernel. Other methods that read
+attention statistics while decoding (Scissorhands, Keyformer) are refused.
 Sliding-window and soft-capped layers are refused too (the kernels here attend over every row).
 
 Batch size 1. ``graph=False`` runs the same step eagerly (the test of the capture).
@@ -196,25 +197,30 @@ class QuantLayer(_DecodeLayer):
 
 
 class EvictingLayer(_DecodeLayer):
-    """H2O or TOVA evicting after every step, scored on the device (Zhang et al. 2023, "H2O:
-    Heavy-Hitter Oracle"; Oren et al. 2024, "Transformers are Multi-State RNNs").
+    """H2O, TOVA or StreamingLLM evicting after every step, ranked on the device (Zhang et al.
+    2023, "H2O: Heavy-Hitter Oracle"; Oren et al. 2024, "Transformers are Multi-State RNNs";
+    Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks").
 
     Buffers [Hkv, budget + 1, D] hold the kept rows in position order, every head the same
     number (``lengths``, a device scalar, as are the tokens seen). A step writes its token to
-    row ``lengths``, attends exactly over the rows in use (float32, as the eager statistics path
-    does), adds the step's attention to H2O's accumulated score (or takes it as TOVA's score),
-    ranks the rows as ``methods.eviction`` ranks them (protected recent rows first) and keeps
-    the ``budget`` best in position order: ``torch.topk`` then a sorted gather. Rows past the
-    ones in use rank below every real row, so a cache still under its budget keeps everything.
+    row ``lengths`` and attends over the rows in use: H2O and TOVA exactly in float32 as the
+    eager statistics path does (they read the attention), StreamingLLM through the sparse decode
+    kernel as its eager path does. The rows are then ranked as ``methods.eviction`` ranks them
+    (H2O's accumulated attention, TOVA's last attention, StreamingLLM's positions; protected
+    sinks and recent rows first) and the ``budget`` best kept in position order:
+    ``torch.topk`` then a sorted gather. Rows past the ones in use rank below every real row,
+    so a cache still under its budget keeps everything.
     """
 
     def __init__(self, store: HeadStore, method, layer_idx: int, n_seen: int) -> None:
         from methods.eviction.h2o import H2O
+        from methods.eviction.streamingllm import StreamingLLM
 
         super().__init__(layer_idx, n_seen)
         held = store.lengths()
         hkv, _, d = store._keys.shape
         self.method, self.budget, self.h2o = method, method.budget, isinstance(method, H2O)
+        self.streaming = isinstance(method, StreamingLLM)
         cap = self.budget + 1
         n = held[0]
         self.keys = store._keys.new_zeros(hkv, cap, d)
@@ -247,6 +253,19 @@ class EvictingLayer(_DecodeLayer):
         hkv, cap, d = self.keys.shape
         hq = q.shape[0]
         in_use = self._rows < self.lengths  # [cap]
+        if self.streaming:  # reads no attention: the kernel of its eager decode path
+            lengths = self.lengths.to(torch.int32).expand(1, hkv).contiguous()  # the kernel's
+            if self.keys.is_cuda:
+                out = sparse_decode_triton(
+                    q[None], self.keys[None], self.values[None], lengths,
+                    scale=scale, max_length=cap,
+                )  # fmt: skip
+            else:
+                out = sparse_decode_reference(
+                    q[None], self.keys[None], self.values[None], lengths, scale=scale
+                )
+            self._evict(None, in_use)
+            return out[0].to(query.dtype)[None, :, None]
         s = torch.bmm(
             (q.float() * scale).view(hkv, hq // hkv, d), self.keys.float().transpose(1, 2)
         )
@@ -261,6 +280,10 @@ class EvictingLayer(_DecodeLayer):
     def _ranking(self, p: torch.Tensor) -> torch.Tensor:
         """Float [Hkv, cap]: the method's score of every row (higher keeps)."""
         m = self.method
+        if self.streaming:  # keep the sinks and the recent window, then the latest positions
+            pos = self.positions.to(torch.int64)
+            guard = (pos >= self.seen - (m.budget - m.sinks)) | (pos < m.sinks)
+            return torch.where(guard, 1e30 + pos.float(), pos.float())
         if self.h2o:
             self.score += p.mean(1)
             if m.normalise == "sum":
@@ -308,10 +331,14 @@ class DecodeCache(Cache):
 
 
 def _continuous(method) -> bool:
-    """H2O or TOVA evicting after every step, every head at one budget (``EvictingLayer``)."""
+    """H2O, TOVA or StreamingLLM evicting after every step, every head at one budget
+    (``EvictingLayer``)."""
     from methods.eviction.h2o import H2O
+    from methods.eviction.streamingllm import StreamingLLM
     from methods.eviction.tova import TOVA
 
+    if type(method) is StreamingLLM:
+        return True
     return type(method) in (H2O, TOVA) and method.schedule == "continuous"
 
 

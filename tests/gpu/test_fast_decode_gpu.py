@@ -19,6 +19,7 @@ SPECS = [
     "snapkv:budget=200,window=16",
     "h2o:budget=200",  # evicts at every step, scored on the device inside the graph
     "tova:budget=200",
+    "streamingllm:budget=200",
 ]
 NEW = 48  # tokens after the prefill's: the quantised stores quantise a group during them
 

@@ -1,5 +1,5 @@
-"""The fast decoder's on-device eviction (H2O, TOVA at every step) run eagerly on the CPU with the
-real SmolLM2 gives what the eager statistics path of ``methods.cache`` gives: the same greedy
+"""The fast decoder's on-device eviction (H2O, TOVA, StreamingLLM at every step) run eagerly on
+the CPU with the real SmolLM2 gives what the eager path of ``methods.cache`` gives: the same greedy
 tokens, the same kept positions, keys and scores per head, the same bytes; and refuses what it
 cannot run."""
 
@@ -47,6 +47,7 @@ def ids(smol):
         "h2o:budget=40,recent=0,normalise=mean",
         "tova:budget=48,average=group",
         "h2o:budget=130",  # above the prompt: the cache fills up while decoding, then evicts
+        "streamingllm:budget=48,sinks=4",  # ranked by position, attending through the kernel
     ],
 )
 def test_device_eviction_equals_the_eager_statistics_path(smol, ids, spec):

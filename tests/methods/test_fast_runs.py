@@ -17,7 +17,8 @@ from methods.registry import create
 from tests.conftest import passage
 
 SPECS = (
-    "full,snapkv:budget=40,window=8,h2o:budget=40,tova:budget=48,kivi:bits=2,group=32,residual=32"
+    "full,snapkv:budget=40,window=8,h2o:budget=40,tova:budget=48,streamingllm:budget=40,"
+    "kivi:bits=2,group=32,residual=32"
 )
 
 
@@ -35,9 +36,9 @@ def test_fast_runs_give_what_the_eager_runs_give(smol, monkeypatch):
         )
     fast = compare(model, tok, ids, SPECS, fast_decode=True, **kwargs).results
     # KIVI's step is a CUDA kernel: its runs stay eager here
-    # the full cache's runs and three methods'; a replay runs a greedy and a forced run too
-    assert calls[:2] == ["greedy", "teacher_forced"] and calls.count("replay") == 3
-    assert calls.count("teacher_forced") == 1 + 3 + 3
+    # the full cache's runs and four methods'; a replay runs a greedy and a forced run too
+    assert calls[:2] == ["greedy", "teacher_forced"] and calls.count("replay") == 4
+    assert calls.count("teacher_forced") == 1 + 4 + 4
     assert [r.spec for r in fast] == [r.spec for r in eager]
     for a, b in zip(fast, eager, strict=True):
         assert a.token_ids == b.token_ids, a.spec
