@@ -572,7 +572,7 @@ def dequantize_cache(cache: QuantKV, dtype: torch.dtype) -> tuple[torch.Tensor, 
     """Keys and values [B, H, n_quant + n_residual, D] in ``dtype``: codes dequantised in
     float32 (code * scale + zero) then rounded to ``dtype``, followed by the residual."""
     n, d = cache.n_quant, cache.head_dim
-    kc = unpack_words(cache.key_codes[:, :, :n], cache.key_bits).float()
+    kc = unpack_words(cache.key_codes[:, :, :n], cache.key_bits, torch.float32)
     if cache.key_per_channel:
         b, h = kc.shape[:2]
         g = n // cache.group
@@ -582,7 +582,7 @@ def dequantize_cache(cache: QuantKV, dtype: torch.dtype) -> tuple[torch.Tensor, 
         k = (kc * ks + kz).view(b, h, n, d)
     else:
         k = kc * cache.key_scale[:, :, :n, None].float() + cache.key_zero[:, :, :n, None].float()
-    vc = unpack_words(cache.value_codes[:, :, :n], cache.value_bits).float()
+    vc = unpack_words(cache.value_codes[:, :, :n], cache.value_bits, torch.float32)
     v = vc * cache.value_scale[:, :, :n, None].float() + cache.value_zero[:, :, :n, None].float()
     r = cache.n_residual
     keys = torch.cat([k.to(dtype), cache.residual_keys[:, :, :r].to(dtype)], 2)

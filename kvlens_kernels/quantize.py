@@ -58,14 +58,15 @@ def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return little_endian.reshape(*codes.shape[:-1], -1).to(torch.uint8)
 
 
-def unpack_words(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 [..., D*bits/8] in the word layout -> uint8 codes [..., D]."""
+def unpack_words(packed: torch.Tensor, bits: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """uint8 [..., D*bits/8] in the word layout -> codes [..., D] (uint8, or ``dtype``: the
+    same integers, e.g. float32 for a dequantisation, without a uint8 copy between)."""
     b = packed.to(torch.int32)
     words = b[..., 0::2] | (b[..., 1::2] << 8)
     mask = (1 << bits) - 1
     shifts = torch.arange(0, 16, bits, dtype=torch.int32, device=packed.device)
     fields = (words[..., None, :] >> shifts[:, None]) & mask  # [..., 16/bits fields, W]
-    return fields.flatten(-2).to(torch.uint8)  # field p holds channels p*W .. p*W + W-1
+    return fields.flatten(-2).to(dtype)  # field p holds channels p*W .. p*W + W-1
 
 
 if triton is not None:

@@ -40,6 +40,7 @@ def test_word_layout_puts_each_field_on_a_contiguous_channel_block(bits):
     packed = pack_words(codes, bits)
     assert packed.shape == (2, 3, 64 * bits // 8) and packed.dtype == torch.uint8
     assert torch.equal(unpack_words(packed, bits), codes)
+    assert torch.equal(unpack_words(packed, bits, torch.float32), codes.float())
     words = packed[..., 0::2].int() | (packed[..., 1::2].int() << 8)  # little-endian
     w = 64 * bits // 16
     for p in range(16 // bits):  # field p of word e is channel e + p * w
