@@ -111,9 +111,10 @@ def _sdpa(query, key, value, attention_mask, scaling, dropout):
             qpos = torch.arange(tk - tq, tk, device=query.device)[:, None]
             attention_mask = torch.arange(tk, device=query.device)[None, :] <= qpos
     group = query.shape[1] // key.shape[1]
-    if group > 1 and (attention_mask is not None or not query.is_cuda):
-        # SDPA's own GQA runs only in its flash kernel (no mask) and the math path: elsewhere
-        # the KV heads are repeated per query group, a copy of the cache
+    if group > 1 and attention_mask is not None:
+        # SDPA's own GQA runs only in its flash kernels (no mask; on the CPU the numbers of
+        # repeated heads, bit for bit: tests/probes/test_attention_gqa.py) and the math path:
+        # with a mask the KV heads are repeated per query group, a copy of the cache
         key = key.repeat_interleave(group, dim=1)
         value = value.repeat_interleave(group, dim=1)
         group = 1
