@@ -60,10 +60,25 @@ def test_statistics_pass_compiles_for_sm90_with_wgmma():
     pointers |= dict.fromkeys(["LSE2", "RECEIVED", "WINDOW", "ENT", "SINK", "MAXP"], "fp32")
     pointers |= dict.fromkeys(["DIST", "LOCAL"], "fp32")
     constexprs = dict(GROUP=4, SINKS=4, LOCAL_W=16, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64)
+    constexprs["DOT"] = "tf32"  # what the launcher passes for 16-bit inputs (dot_precision)
     divisible = {"stride_qh", "stride_qt", "stride_kh", "stride_kt", "T_Q", "T_K"}
     ptx = _compile_sm90(_stats_from_lse, pointers, {"scale_log2"}, constexprs, 4, 3, divisible)
     assert "wgmma.mma_async" in ptx  # the transposed scores run on Hopper's warpgroup MMA
     assert "red.global" in ptx or "atom.global" in ptx  # column sums added atomically
+
+
+def test_statistics_pass_multiplies_float32_in_float32_for_sm90():
+    """Float32 inputs ask for IEEE products: no TF32 tensor-core product in the kernel."""
+    from kvlens_kernels.attention_stats_triton import _stats_from_lse
+
+    pointers = dict.fromkeys(["Q", "K", "LSE2", "RECEIVED", "WINDOW", "ENT", "SINK"], "fp32")
+    pointers |= dict.fromkeys(["MAXP", "DIST", "LOCAL"], "fp32")
+    constexprs = dict(GROUP=4, SINKS=4, LOCAL_W=16, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=32)
+    constexprs["DOT"] = "ieee"
+    divisible = {"stride_qh", "stride_qt", "stride_kh", "stride_kt", "T_Q", "T_K"}
+    ptx = _compile_sm90(_stats_from_lse, pointers, {"scale_log2"}, constexprs, 4, 2, divisible)
+    assert "tf32" not in ptx and "wgmma" not in ptx
+    assert "fma.rn.f32" in ptx
 
 
 def test_sparse_decode_compiles_for_sm90():
