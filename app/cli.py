@@ -351,20 +351,19 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_app(args) -> int:
-    import subprocess
-
+def app_command(port: int, address: str) -> list[str]:
+    """The Streamlit command line ``kvlens app`` runs."""
     entry = Path(__file__).resolve().parent / "streamlit_app.py"
-    cmd = [
+    return [
         sys.executable,
         "-m",
         "streamlit",
         "run",
         str(entry),
         "--server.port",
-        str(args.port),
+        str(port),
         "--server.address",
-        args.address,
+        address,
         "--server.headless",
         "true",
         "--browser.gatherUsageStats",
@@ -372,9 +371,25 @@ def cmd_app(args) -> int:
         # users see the app, not Streamlit's developer toolbar (Deploy, rerun, settings)
         "--client.toolbarMode",
         "viewer",
+        # no watching of kvlens' source files for edits (a developer's reload): without the
+        # watchdog package Streamlit polls every module file several times a second, in
+        # threads that take Python's lock from a running comparison
+        "--server.fileWatcherType",
+        "none",
+        # no full garbage collection after every script run: the progress fragment reruns
+        # every second while a job runs, and each gc.collect(2) over a process holding torch
+        # and transformers (0.23 s with the model alone loaded, more in the app) held Python's
+        # lock: a comparison ran 1.5x slower in the app than alone, and page switches paid it
+        "--runner.postScriptGC",
+        "false",
     ]
+
+
+def cmd_app(args) -> int:
+    import subprocess
+
     print(f"kvlens app on http://{args.address}:{args.port}", file=sys.stderr)
-    return subprocess.call(cmd)
+    return subprocess.call(app_command(args.port, args.address))
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -42,6 +42,7 @@ ARGS = [
     "--no-first-run",
 ]
 LAB_METHODS = ["streamingllm", "snapkv", "h2o", "kivi"]  # streamingllm and snapkv are preset
+POLL_MS = 0  # how often the long runs' waits look at the page (--poll)
 GOALS = {"switch": 1.0, "lab": 30.0, "xray": 15.0, "progress": 2.0}
 IDLE = "() => document.querySelector('[data-testid=stApp]')?.getAttribute('data-test-script-state') === 'notRunning'"
 
@@ -120,13 +121,59 @@ def add_methods(page) -> None:
     settle(page)
 
 
+def cpu_by_process() -> dict[str, float]:
+    """CPU seconds (user + system) so far of the processes on this machine, by role: the app's
+    server, the browser, Playwright's driver, and everything else."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        times = proc.info["cpu_times"]
+        if times is None:
+            continue
+        name = (proc.info["name"] or "").lower()
+        cmd = " ".join(proc.info["cmdline"] or [])
+        role = (
+            "app server" if "app.cli" in cmd or "streamlit" in cmd
+            else "browser" if "chrom" in name
+            else "playwright driver" if name == "node"
+            else "this script" if proc.pid == os.getpid()
+            else "other"
+        )  # fmt: skip
+        out[role] = out.get(role, 0.0) + times.user + times.system
+    return out
+
+
+def timed_with_cpu(label: str, fn) -> float:
+    """fn's seconds, printing the CPU seconds each role spent meanwhile."""
+    before = cpu_by_process()
+    t0 = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t0
+    after = cpu_by_process()
+    spent = {k: after[k] - before.get(k, 0.0) for k in after}
+    print(f"  {label}: CPU seconds over {wall:.1f} s wall: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in sorted(spent.items(), key=lambda kv: -kv[1])),
+          flush=True)  # fmt: skip
+    return wall
+
+
+def wait_js(page, predicate: str, arg=None, timeout_ms: int = 900_000) -> None:
+    """Wait until the page's ``predicate`` holds, checked every POLL_MS (every animation
+    frame, Playwright's default, when POLL_MS is 0: that keeps the browser drawing frames)."""
+    polling = "raf" if POLL_MS == 0 else POLL_MS
+    page.wait_for_function(predicate, arg=arg, polling=polling, timeout=timeout_ms)
+
+
 def run_lab(page) -> float:
     chosen = page.locator("[data-testid=stMultiSelect]").first.locator("[data-tag]").count()
     print(f"lab: {chosen} methods chosen", flush=True)
-    t0 = time.perf_counter()
-    page.get_by_role("button", name="Run comparison").click()
-    page.locator(".kvlens-output").nth(chosen).wait_for(timeout=900_000)
-    return time.perf_counter() - t0
+
+    def go() -> None:
+        page.get_by_role("button", name="Run comparison").click()
+        wait_js(page, "(n) => document.querySelectorAll('.kvlens-output').length > n", chosen)
+
+    return timed_with_cpu("lab", go)
 
 
 def progress_and_cancel(page) -> dict:
@@ -155,15 +202,17 @@ def run_xray(page, method: str) -> float:
     page.keyboard.type(method)  # the options filter as one types
     page.keyboard.press("Enter")
     settle(page)
-    t0 = time.perf_counter()
-    page.get_by_role("button", name="Run X-ray").click()
-    page.wait_for_function(
-        "(m) => [...document.querySelectorAll('[data-testid=stText]')]"
-        ".some(e => e.innerText.startsWith(m) && /first differs|never diverged/.test(e.innerText))",
-        arg=method,
-        timeout=900_000,
-    )
-    return time.perf_counter() - t0
+
+    def go() -> None:
+        page.get_by_role("button", name="Run X-ray").click()
+        wait_js(
+            page,
+            "(m) => [...document.querySelectorAll('[data-testid=stText]')].some(e =>"
+            " e.innerText.startsWith(m) && /first differs|never diverged/.test(e.innerText))",
+            method,
+        )
+
+    return timed_with_cpu(f"X-ray of {method}", go)
 
 
 def browser_run(cold: bool) -> list[tuple[str, float, float | None]]:
@@ -287,7 +336,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-cache start")
     parser.add_argument("--profile", action="store_true", help="in-process profiles instead")
+    parser.add_argument(
+        "--poll",
+        type=int,
+        default=POLL_MS,
+        help="ms between the lab's and X-ray's checks of the page; 0 = every animation frame "
+        "(Playwright's default, which keeps the browser drawing on the app's cores)",
+    )
     args = parser.parse_args()
+    globals()["POLL_MS"] = args.poll
     if args.profile:
         profile_run()
         return

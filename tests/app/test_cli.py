@@ -92,3 +92,20 @@ def test_prompt_longer_than_the_context_is_refused(tmp_path):
     _assert_one_clean_error(
         run("probe", "--prompt-file", str(prompt), "--out", str(out)), out, "allows at most 8192"
     )
+
+
+def test_the_app_command_names_real_streamlit_options_and_no_per_run_gc():
+    """``kvlens app`` turns off Streamlit's gc.collect after every script run (the progress
+    fragment reruns each second while a job runs, and each full collection stalled the job)
+    and its polling of source files; every flag must be an option Streamlit knows."""
+    from streamlit import config
+
+    from app.cli import app_command
+
+    cmd = app_command(8765, "127.0.0.1")
+    flags = dict(zip(cmd[5::2], cmd[6::2], strict=True))
+    known = config.get_config_options()
+    assert all(flag.startswith("--") and flag[2:] in known for flag in flags), flags
+    assert flags["--runner.postScriptGC"] == "false"
+    assert flags["--server.fileWatcherType"] == "none"
+    assert flags["--server.port"] == "8765"
