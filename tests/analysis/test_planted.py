@@ -99,9 +99,15 @@ def test_the_cka_table_is_linear_cka_of_every_pair():
     kv = random_kv(4, 2, 48, 16)
     t = trace(n_tokens=48, n_layers=4, tensors=kv)
     table = cross_layer.cka(t, "key")
-    for a, b, value in table.select("layer_a", "layer_b", "cka").rows():
+    values = {(a, b): v for a, b, v in table.select("layer_a", "layer_b", "cka").rows()}
+    assert len(values) == 16
+    for (a, b), value in values.items():
         x, y = (kv[f"layers.{n}.key"].permute(1, 0, 2).flatten(1) for n in (a, b))
-        assert value == (1.0 if a == b else cross_layer.linear_cka(x, y))
+        # each pair's product is computed once for both orders: float32 rounding of A^T B
+        # against B^T A apart, linear_cka's own value
+        expected = 1.0 if a == b else cross_layer.linear_cka(x, y)
+        assert value == pytest.approx(expected, rel=1e-5, abs=1e-7)
+        assert value == values[b, a]
 
 
 def test_stacked_identical_layers_need_no_extra_rank():
