@@ -81,6 +81,12 @@ def test_energy_matches_covariance_eigenvalues():
             part = table.filter(kind=kind, layer=layer).sort("rank")
             assert part["source"].unique().to_list() == [source]
             np.testing.assert_allclose(part["energy"].to_numpy(), ref, atol=1e-9)
+            # and the singular values themselves (an SVD, not a Gram matrix) give the same
+            x = kv[f"layers.{layer}.{source}"].double()
+            s2 = np.linalg.svd(torch.cat(list(x), 1).numpy(), compute_uv=False) ** 2
+            np.testing.assert_allclose(
+                part["energy"].to_numpy(), np.cumsum(s2) / s2.sum(), atol=1e-9
+            )
             row = summary.filter(kind=kind, layer=layer).row(0, named=True)
             assert row["half_rank"] == WIDTH // 2
             assert row["energy_at_half"] == pytest.approx(ref[WIDTH // 2 - 1], abs=1e-9)
