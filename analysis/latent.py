@@ -43,6 +43,7 @@ from probes.trace import Trace
 
 THRESHOLDS = (0.9, 0.99)
 KEY_SOURCES = ("auto", "post_rope")
+LATENT_KINDS = ("key", "value", "joint")
 
 
 def _stacked(x: torch.Tensor) -> torch.Tensor:
@@ -59,10 +60,14 @@ def _balanced(keys: torch.Tensor, values: torch.Tensor, balance: bool) -> torch.
     return torch.cat([keys, values], dim=1)
 
 
-def _matrices(trace: Trace, keys: str, balance: bool):
-    """(kind, source, layer, stacked matrix) for each layer and kind the trace holds."""
+def _matrices(trace: Trace, keys: str, balance: bool, kinds: tuple[str, ...] = LATENT_KINDS):
+    """(kind, source, layer, stacked matrix) for each layer and each of ``kinds`` the trace
+    holds."""
     if keys not in KEY_SOURCES:
         raise KvlensError(f"keys must be one of {KEY_SOURCES}, got {keys!r}")
+    if not kinds or set(kinds) - set(LATENT_KINDS):
+        raise KvlensError(f"kinds must be some of {LATENT_KINDS}, got {kinds!r}")
+    want_v = "value" in kinds or "joint" in kinds
     found = False
     for layer in trace.layers:
         name = f"layers.{layer}."
@@ -73,21 +78,24 @@ def _matrices(trace: Trace, keys: str, balance: bool):
         else:
             key_source = None
         k = None if key_source is None else _stacked(trace.tensors[name + key_source])
-        v = _stacked(trace.tensors[name + "value"]) if name + "value" in trace.tensors else None
-        if k is not None:
-            found = True
+        has_v = want_v and name + "value" in trace.tensors
+        v = _stacked(trace.tensors[name + "value"]) if has_v else None
+        found = found or k is not None
+        if k is not None and "key" in kinds:
             yield "key", key_source, layer, k
-        if v is not None:
+        if v is not None and "value" in kinds:
             yield "value", "value", layer, v
-        if k is not None and v is not None:
+        if k is not None and v is not None and "joint" in kinds:
             yield "joint", f"{key_source}+value", layer, _balanced(k, v, balance)
     if not found:
         raise KvlensError("this trace has no key tensors; probe without --no-kv")
 
 
-def _cumulative(trace: Trace, keys: str, balance: bool = True):
+def _cumulative(
+    trace: Trace, keys: str, balance: bool = True, kinds: tuple[str, ...] = LATENT_KINDS
+):
     """(kind, source, layer, cumulative energy fraction at ranks 1..width)."""
-    for kind, source, layer, x in _matrices(trace, keys, balance):
+    for kind, source, layer, x in _matrices(trace, keys, balance, kinds):
         # squared singular values = eigenvalues of the float64 Gram matrix (columns x
         # columns): the same energies as svdvals(x) ** 2 (to ~1e-13 of the total) in a
         # tenth of the time on long traces; fewer tokens than columns leave zeros
@@ -136,12 +144,18 @@ def latent_energy(
     return pl.DataFrame(rows)
 
 
-def latent_summary(trace: Trace, keys: str = "auto", balance: bool = True) -> pl.DataFrame:
+def latent_summary(
+    trace: Trace,
+    keys: str = "auto",
+    balance: bool = True,
+    kinds: tuple[str, ...] = LATENT_KINDS,
+) -> pl.DataFrame:
     """Per (kind, layer): energy kept at half the kind's width (a latent of half the GQA
     cache: for ``joint``, rank n_kv * head_dim), and the smallest latent rank keeping 90% and
-    99% of the energy (``keys`` and ``balance`` as in ``latent_energy``)."""
+    99% of the energy (``keys`` and ``balance`` as in ``latent_energy``; ``kinds`` picks some
+    of key, value and joint)."""
     rows = []
-    for kind, source, layer, cum in _cumulative(trace, keys, balance):
+    for kind, source, layer, cum in _cumulative(trace, keys, balance, kinds):
         width = cum.numel()
         row = {
             "kind": kind,

@@ -58,7 +58,8 @@ def render() -> None:
         }
         if pre:
             post = state.table(
-                "latent_post_rope", lambda: latent.latent_summary(trace, keys="post_rope")
+                "latent_post_rope",
+                lambda: latent.latent_summary(trace, keys="post_rope", kinds=("key",)),
             )
             series["keys (post-RoPE, as cached)"] = post.filter(kind="key")
     width = int(summary.filter(kind="key")["width"][0])

@@ -210,3 +210,13 @@ def test_planted_shared_kv_latent_is_kept_whole_at_its_rank():
     assert energy[rank - 1] == pytest.approx(1.0, abs=1e-9)
     assert (energy[: rank - 1] < 1 - 1e-3).all()
     assert (np.diff(energy) >= -1e-12).all()
+
+
+def test_kinds_picks_rows_and_leaves_their_numbers_unchanged():
+    tr = _trace(random_kv(2, N_KV, T, HEAD_DIM, seed=5))
+    every = latent.latent_summary(tr, keys="post_rope")
+    keys_only = latent.latent_summary(tr, keys="post_rope", kinds=("key",))
+    assert keys_only["kind"].unique().to_list() == ["key"]
+    assert keys_only.equals(every.filter(kind="key"))
+    with pytest.raises(KvlensError, match="kinds"):
+        latent.latent_summary(tr, kinds=("keys",))
