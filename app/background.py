@@ -194,3 +194,48 @@ def _live(kind: str) -> None:
     ):
         j.stop.set()
         st.rerun()
+
+
+def tables(kind: str, computes: dict[str, Callable[[], Any]], text: str) -> dict[str, Any] | None:
+    """A page's tables of the current trace, each computed once (``state.table``'s store);
+    the missing ones in a job of ``kind`` with progress (one step per table) and Cancel.
+    Returns the tables, or None while the job runs or after a Cancel (then a button computes
+    them again)."""
+    missing = {n: f for n, f in computes.items() if state.cached_table(n) is None}
+    if missing:
+        current = job(kind)
+        if current is not None and current.for_trace and current.trace_id != state.trace_id():
+            cancel(kind)  # started for another trace: its tables are not this trace's
+            current = None
+        if current is not None and current.stop.is_set():
+            state.put(f"{kind}:cancelled", True)
+        if current is None:
+            if state.result(f"{kind}:cancelled"):
+                again = st.button(
+                    f"Compute {text}",
+                    key=f"{kind}_again_btn",
+                    help="the computation was cancelled; run it again (in the background)",
+                )
+                if not again:
+                    return None
+                state.drop(f"{kind}:cancelled")
+
+            def work(j: Job) -> dict[str, Any]:
+                out = {}
+                for i, (name, compute) in enumerate(missing.items()):
+                    j.say(f"{text} ({i + 1} of {len(missing)})")
+                    out[name] = compute()
+                    j.calls += 1
+                return out
+
+            start(kind, work, layer_calls=len(missing))
+
+        def store(result: dict[str, Any]) -> None:
+            for name, value in result.items():
+                state.put_table(name, value)
+
+        if panel(kind, store):
+            return None
+    if any(state.cached_table(n) is None for n in computes):
+        return None
+    return {n: state.cached_table(n) for n in computes}

@@ -107,6 +107,16 @@ def table(name: str, compute: Callable[[], Any]) -> Any:
     return items[key]
 
 
+def cached_table(name: str) -> Any:
+    """A table ``table`` (or ``put_table``) stored for the current trace, or None."""
+    return _items().get(f"table:{name}")
+
+
+def put_table(name: str, value: Any) -> None:
+    """Store a table computed elsewhere (a background job) for the current trace."""
+    _items()[f"table:{name}"] = value
+
+
 def guarded(fn: Callable[[], Any]) -> Any:
     """Run ``fn``; show a one-line error in the page instead of a traceback."""
     try:

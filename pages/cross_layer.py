@@ -22,9 +22,25 @@ def render() -> None:
         key="cl_kind",
         help="compare the layers' cached keys (after RoPE) or values",
     )
-    with st.spinner("similarity between layers (once per trace) ..."):
-        sim = state.table(f"sim_{kind}", lambda: cross_layer.pair_similarity(trace, kind))
-        cka = state.table(f"cka_{kind}", lambda: cross_layer.cka(trace, kind))
+    layers = [n for n in trace.layers if f"layers.{n}.key" in trace.tensors]
+    pre = all(f"layers.{n}.key_pre_rope" in trace.tensors for n in layers)
+    computes = {
+        f"sim_{kind}": lambda: cross_layer.pair_similarity(trace, kind),
+        f"cka_{kind}": lambda: cross_layer.cka(trace, kind),
+        "latent": lambda: latent.latent_summary(trace),
+    }
+    if pre:
+        computes["latent_post_rope"] = lambda: latent.latent_summary(
+            trace, keys="post_rope", kinds=("key",)
+        )
+    tables = background.tables("cl_tables", computes, "layer similarity and spectra")
+    if tables is not None:
+        _similarity(tables, kind, pre)
+    _umap(trace)
+
+
+def _similarity(tables: dict, kind: str, pre: bool) -> None:
+    sim, cka = tables[f"sim_{kind}"], tables[f"cka_{kind}"]
     c1, c2 = st.columns(2)
     c1.plotly_chart(
         figures.layer_layer(sim, "cosine", f"per-token cosine between layers ({kind})"),
@@ -47,21 +63,15 @@ def render() -> None:
         "the GQA cache width (n_kv x head_dim / 2): near 1 = the layer converts to latent "
         "attention with little loss; hover for the ranks that keep 90% and 99%",
     )
-    with st.spinner("joint K/V spectra per layer (once per trace) ..."):
-        summary = state.table("latent", lambda: latent.latent_summary(trace))
-        keys = summary.filter(kind="key")
-        pre = bool((keys["source"] == "key_pre_rope").all())
-        series = {
-            "keys (pre-RoPE)" if pre else "keys (post-RoPE: none before RoPE here)": keys,
-            "values": summary.filter(kind="value"),
-            "keys and values jointly (balanced)": summary.filter(kind="joint"),
-        }
-        if pre:
-            post = state.table(
-                "latent_post_rope",
-                lambda: latent.latent_summary(trace, keys="post_rope", kinds=("key",)),
-            )
-            series["keys (post-RoPE, as cached)"] = post.filter(kind="key")
+    summary = tables["latent"]
+    keys = summary.filter(kind="key")
+    series = {
+        "keys (pre-RoPE)" if pre else "keys (post-RoPE: none before RoPE here)": keys,
+        "values": summary.filter(kind="value"),
+        "keys and values jointly (balanced)": summary.filter(kind="joint"),
+    }
+    if pre:
+        series["keys (post-RoPE, as cached)"] = tables["latent_post_rope"]
     width = int(summary.filter(kind="key")["width"][0])
     st.plotly_chart(
         figures.latent_readiness(series, "energy a latent of half the GQA cache keeps"),
@@ -76,6 +86,9 @@ def render() -> None:
         f"PCA) and values, {2 * width} columns, at rank {width}: an MLA latent of half the "
         "GQA cache. The post-RoPE key line is xKV's single-layer SVD energy (Chang et al. 2025)."
     )
+
+
+def _umap(trace) -> None:
     st.subheader("UMAP of key vectors")
     c1, c2 = st.columns(2)
     n_layers, n_kv = trace.model.n_layers, trace.model.n_kv_heads

@@ -129,6 +129,8 @@ def test_a_umap_runs_in_the_background_and_cancel_drops_it(trace, tmp_path, monk
     at.session_state["trace"] = trace
     at.session_state["trace_id"] = "t1"
     at.run()
+    _job(at, "cl_tables").thread.join(300)
+    at.run()
     charts = len(at.get("plotly_chart"))
     at.button(key="cl_umap_btn").click().run()
     job = _job(at, "umap")
@@ -144,3 +146,33 @@ def test_a_umap_runs_in_the_background_and_cancel_drops_it(trace, tmp_path, monk
     assert not at.exception and not at.error
     assert "umap" not in at.session_state["results"]["items"]
     assert len(at.get("plotly_chart")) == charts
+
+
+def test_a_pages_tables_compute_in_a_job_with_progress_cancel_and_compute_again(
+    trace, tmp_path, monkeypatch
+):
+    """The Cross-layer page's tables (seconds on a long trace) are a job: progress with one
+    step per table, the figures once it ends, nothing of a cancelled run, a button to run it
+    again, and the figures from the stored tables on a later visit without a new job."""
+    monkeypatch.chdir(tmp_path)
+    at = AppTest.from_string("from pages import cross_layer\ncross_layer.render()\n")
+    at.default_timeout = 120
+    at.session_state["trace"] = trace
+    at.session_state["trace_id"] = "t1"
+    at.run()
+    job = _job(at, "cl_tables")
+    assert job is not None and job.layer_calls == 4  # cosine, CKA, latent, post-RoPE latent
+    assert at.get("progress") and not at.get("plotly_chart")
+    job.stop.set()  # what the Cancel button does
+    job.thread.join(300)
+    at.run()
+    assert any("cancelled" in i.value for i in at.info)
+    at.run()
+    assert _job(at, "cl_tables") is None and not at.get("plotly_chart")
+    at.button(key="cl_tables_again_btn").click().run()
+    _job(at, "cl_tables").thread.join(300)
+    at.run()
+    assert not at.exception and not at.error
+    assert len(at.get("plotly_chart")) == 4  # cosine, adjacent, CKA, latent
+    at.run()
+    assert _job(at, "cl_tables") is None and len(at.get("plotly_chart")) == 4

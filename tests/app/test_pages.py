@@ -77,6 +77,11 @@ def _with_trace(at: AppTest, trace, trace_id: str = "test") -> AppTest:
 def test_page_renders_without_error(page, trace, in_tmp):
     at = AppTest.from_string(f"from pages import {page}\n{page}.render()\n", default_timeout=120)
     _with_trace(at, trace).run()
+    jobs = at.session_state["jobs"] if "jobs" in at.session_state else {}
+    for job in list(jobs.values()):  # a page's first tables (app.background.tables)
+        job.thread.join(300)
+    if jobs:
+        at.run()
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
     assert at.title[0].value
@@ -178,6 +183,7 @@ def test_lab_shows_output_as_text_and_never_a_previous_traces_result(smol, in_tm
     assert any("kept after prefill: 16 of" in c.value for c in at.caption)
     at.session_state["page"] = "cross"
     at.run()
+    _finish(at, "cl_tables")
     at.button(key="cl_umap_btn").click().run()
     _finish(at, "umap")
     assert not at.exception and not at.error
@@ -195,6 +201,7 @@ def test_lab_shows_output_as_text_and_never_a_previous_traces_result(smol, in_tm
     assert second.n_tokens != first.n_tokens
     at.session_state["page"] = "cross"
     at.run()
+    _finish(at, "cl_tables")  # the new trace's tables, not the first's
     assert len(at.get("plotly_chart")) == 4  # no UMAP of the first trace's keys
     at.session_state["page"] = "lab"
     at.run()
