@@ -130,13 +130,11 @@ def persistence(trace: Trace, k: int = 16) -> pl.DataFrame:
 
         raise KvlensError("this trace has no decoding steps; probe with --generate N")
     n_prompt = trace.n_prompt_tokens
+    # each (step, layer, head)'s top k by attention, without sorting the whole table
     top = (
         steps.filter(pl.col("position") < n_prompt)
-        .sort("attention", descending=True)
-        .group_by("step", "layer", "head", maintain_order=True)
-        .head(k)
         .group_by("step", "layer", "head")
-        .agg(pl.col("position"))
+        .agg(pl.col("position").top_k_by("attention", k))
         .sort("layer", "head", "step")
     )
     rows = []
