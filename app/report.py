@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import time
+from collections.abc import Callable
 
 import plotly.graph_objects as go
 import polars as pl
@@ -84,10 +85,12 @@ def build_report(
     sweep: pl.DataFrame | None = None,
     sparse: dict | None = None,
     reuse: dict | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> str:
     """The report as one HTML string; ``sparse`` and ``reuse`` are the Sparse attention and
-    Chunk reuse pages' last results (their jobs' dicts), shown when given."""
-    tables = analyze(trace, retrieval)
+    Chunk reuse pages' last results (their jobs' dicts), shown when given; ``progress`` is
+    told the name of each analysis before it runs."""
+    tables = analyze(trace, retrieval, progress)
     parts: list[str] = []
     m = trace.model
     parts.append("<h1>kvlens report</h1>")

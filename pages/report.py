@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import state
+from app import background, state
 
 
 def render() -> None:
@@ -19,28 +19,27 @@ def render() -> None:
         "Build report",
         type="primary",
         key="report_build_btn",
-        help="runs every analysis on the current trace; a minute on long traces",
+        help="runs every analysis on the current trace in the background (progress and "
+        "Cancel below); seconds on short traces, a minute on long ones",
     ):
+        retrieval = st.session_state.get("retrieval", {}).get(st.session_state.get("model_name"))
+        comparison, sparse, reuse = (state.result(n) for n in ("comparison", "sparse", "reuse"))
 
-        def build():
+        def work(job):
             from app.report import build_report
 
-            with st.spinner("building the report ..."):
-                retrieval = st.session_state.get("retrieval", {}).get(
-                    st.session_state.get("model_name")
-                )
-                state.put(
-                    "report_html",
-                    build_report(
-                        trace,
-                        state.result("comparison"),
-                        retrieval=retrieval,
-                        sparse=state.result("sparse"),
-                        reuse=state.result("reuse"),
-                    ),
-                )
+            return build_report(
+                trace,
+                comparison,
+                retrieval=retrieval,
+                sparse=sparse,
+                reuse=reuse,
+                progress=lambda name: job.say(f"building the report: {name}"),
+            )
 
-        state.guarded(build)
+        state.drop("report_html")
+        background.start("report", work)
+    background.panel("report", lambda html: state.put("report_html", html))
     report_html = state.result("report_html")
     if report_html is not None:
         st.download_button(

@@ -176,3 +176,29 @@ def test_a_pages_tables_compute_in_a_job_with_progress_cancel_and_compute_again(
     assert len(at.get("plotly_chart")) == 4  # cosine, adjacent, CKA, latent
     at.run()
     assert _job(at, "cl_tables") is None and len(at.get("plotly_chart")) == 4
+
+
+def test_the_report_builds_in_a_job_names_each_analysis_and_cancel_keeps_no_report(
+    trace, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    at = AppTest.from_string("from pages import report\nreport.render()\n", default_timeout=120)
+    at.session_state["trace"] = trace
+    at.session_state["trace_id"] = "t1"
+    at.run()
+    at.button(key="report_build_btn").click().run()
+    job = _job(at, "report")
+    assert job is not None and at.get("progress")
+    job.stop.set()  # Cancel: the job stops before its next analysis
+    job.thread.join(300)
+    at.run()
+    assert any("cancelled" in i.value for i in at.info)
+    assert not at.get("download_button")
+    at.button(key="report_build_btn").click().run()
+    job = _job(at, "report")
+    job.thread.join(300)
+    assert job.text.startswith("building the report: ")  # the last analysis it named
+    at.run()
+    assert not at.exception and not at.error
+    assert [b.label for b in at.get("download_button")] == ["Download report.html"]
+    assert "<h1>kvlens report</h1>" in at.session_state["results"]["items"]["report_html"]
