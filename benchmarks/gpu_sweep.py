@@ -14,8 +14,9 @@ short example of each mode warms the Triton kernels and is not counted.
         [--grid benchmarks/sweep_default.toml] [--new 12] [--device cuda]
 
 SmolLM2-135M holds 8192 positions: a 32k sweep needs a model with a 32k window, e.g. Gemma 3
-270M, whose sliding-window layers the fast decoder does not take (both modes then run eager;
-the "fast methods" column says how many of the grid's methods the fast path took).
+270M (``--model gemma3-270m``): its full cache decodes on the fast path (rings on the sliding
+layers), its compressed caches on the eager one (the "fast methods" column says how many of
+the grid's methods the fast path took).
 """
 
 from __future__ import annotations

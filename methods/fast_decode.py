@@ -21,7 +21,11 @@ schedule (evict after every step) run their scoring on the device inside the ste
 (``methods.cache`` with ``methods.eviction``); StreamingLLM's rolling window runs in the same
 layer, ranked by position, attending through the sparse kernel. Other methods that read
 attention statistics while decoding (Scissorhands, Keyformer) are refused.
-Sliding-window and soft-capped layers are refused too (the kernels here attend over every row).
+Soft-capped layers are refused too (the kernels here take plain softmax). A sliding-window layer
+of the full cache (Gemma 3's local layers) decodes from a ring of ``window`` rows
+(``RingLayer``): token p in row p % window, so the rows held are exactly the tokens the layer's
+window lets a step see (keys after (p - window, p], as transformers' masks and the eager
+statistics path rule); compressed caches on sliding-window layers are refused.
 
 Batch size 1. ``graph=False`` runs the same step eagerly (the test of the capture).
 """
@@ -132,8 +136,11 @@ class SparseLayer(_DecodeLayer):
         self.values[0].index_put_(index, value)
         self.lengths += 1
 
-    def attend(self, query, key, value, *, scale: float, sliding_window=None, softcap=None):
+    def _check(self, sliding_window, softcap) -> None:
         _plain(sliding_window, softcap)
+
+    def attend(self, query, key, value, *, scale: float, sliding_window=None, softcap=None):
+        self._check(sliding_window, softcap)
         if not self.keys.is_cuda:  # a CPU step (graph=False) reads the same rows exactly
             out = sparse_decode_reference(
                 query[:, :, 0], self.keys, self.values, self.lengths, scale=scale
@@ -144,6 +151,46 @@ class SparseLayer(_DecodeLayer):
             scale=scale, max_length=self.keys.shape[2],
         )  # fmt: skip
         return out[:, :, None]
+
+
+class RingLayer(SparseLayer):
+    """A sliding-window layer of the full cache: the last ``window`` tokens in ``window`` rows,
+    token p in row p % window (the write row lives on the device); a step attends over every
+    held row, which are the tokens its window sees."""
+
+    def __init__(self, keys, values, lengths, layer_idx: int, n_seen: int, window: int):
+        super().__init__(keys, values, lengths, layer_idx, n_seen)
+        self.window = window
+        self.slot = torch.full((1,), n_seen % window, dtype=torch.long, device=keys.device)
+
+    @classmethod
+    def from_tokens(cls, keys, values, layer_idx: int, window: int):
+        """The ring after a prefill from every token's keys/values [Hkv, n, D]: the last
+        window - 1 of them (the next token completes the window)."""
+        hkv, n, d = keys.shape
+        held = min(n, window - 1)
+        rows = torch.arange(n - held, n, device=keys.device) % window
+        k = keys.new_zeros(1, hkv, window, d)
+        v = values.new_zeros(1, hkv, window, d)
+        k[0, :, rows], v[0, :, rows] = keys[:, n - held :], values[:, n - held :]
+        lens = torch.full((1, hkv), held, dtype=torch.int32, device=keys.device)
+        return cls(k, v, lens, layer_idx, n, window)
+
+    def _check(self, sliding_window, softcap) -> None:
+        if sliding_window != self.window or softcap is not None:
+            raise KvlensError(
+                f"a ring of {self.window} rows serves a sliding window of {self.window} "
+                f"without soft-capping, not window {sliding_window}, softcap {softcap}"
+            )
+
+    def append(self, key, value) -> None:
+        # before the first append of a full window one row is free: the write row's; after
+        # it every row is held, so the held rows are always [0, lengths)
+        index = (self._heads, self.slot.expand(self._heads.shape[0]))
+        self.keys[0].index_put_(index, key)
+        self.values[0].index_put_(index, value)
+        self.slot.add_(1).remainder_(self.window)
+        self.lengths.add_(1).clamp_(max=self.window)
 
 
 class QuantLayer(_DecodeLayer):
@@ -371,9 +418,32 @@ def eligible(cache: CompressedCache) -> None:
         )
 
 
-def decode_layers(cache, new: int) -> list[_DecodeLayer]:
+def layer_windows(model) -> list[int | None]:
+    """Per attention layer of ``model``: its sliding window, or None where it attends over
+    every token (config ``layer_types``, else one ``sliding_window`` for all layers)."""
+    cfg = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
+    n = int(cfg.num_hidden_layers)
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None
+    types = getattr(cfg, "layer_types", None)
+    if not types:
+        return [window] * n
+    unknown = set(types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise KvlensError(
+            f"the fast decoder takes full and sliding attention layers, not {unknown}"
+        )
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def decode_layers(cache, new: int, windows: list[int | None] | None = None) -> list[_DecodeLayer]:
     """Decode layers with room for ``new`` tokens from a prefilled cache: a transformers
-    ``DynamicCache`` (the full cache) or an eligible ``CompressedCache`` (its stores move)."""
+    ``DynamicCache`` (the full cache; ``windows[i]``, where given and not None, makes layer i a
+    sliding-window ring, see ``layer_windows``) or an eligible ``CompressedCache`` (its stores
+    move)."""
     if isinstance(cache, CompressedCache):
         eligible(cache)
         layers = []
@@ -393,6 +463,9 @@ def decode_layers(cache, new: int) -> list[_DecodeLayer]:
     layers = []
     for i, layer in enumerate(cache.layers):  # DynamicCache: keys/values [1, Hkv, T, D]
         t = layer.keys.shape[2]
+        if windows is not None and windows[i] is not None:
+            layers.append(RingLayer.from_tokens(layer.keys[0], layer.values[0], i, windows[i]))
+            continue
         layers.append(
             SparseLayer.from_rows(
                 layer.keys[0], layer.values[0], [t] * layer.keys.shape[1], i, t, new

@@ -11,7 +11,9 @@ what ``replay`` promises). The greedy run's time is its steps, graph capture inc
 
 Applies to the full cache and to the methods the fast decoder takes (quantised caches,
 prefill-only eviction, H2O and TOVA evicting at every step) on models whose attention layers are
-plain softmax over every held token (no sliding windows, no soft-capping).
+plain softmax over every held token (no sliding windows, no soft-capping); the full cache also
+on models with sliding-window layers (Gemma 3: each such layer decodes from a ring of its
+window's rows, ``fast_decode.RingLayer``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from methods.cache import CompressedCache
-from methods.fast_decode import FastDecoder, decode_layers, eligible
+from methods.fast_decode import FastDecoder, decode_layers, eligible, layer_windows
 from probes.errors import KvlensError
 
 
@@ -37,12 +39,26 @@ def plain_model(model) -> bool:
     return not getattr(cfg, "sliding_window", None) or not getattr(cfg, "use_sliding_window", True)
 
 
+def _windows(model) -> list[int | None] | None:
+    """Per layer, the sliding window of the full cache's rings (None: no layer slides)."""
+    windows = layer_windows(model)
+    return windows if any(w is not None for w in windows) else None
+
+
 def applies(model, cache) -> bool:
     """Whether ``cache`` (prefilled) can decode on the fast decoder with ``model``."""
+    if isinstance(cache, DynamicCache):  # the full cache: sliding-window layers as rings
+        cfg = model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        if getattr(cfg, "attn_logit_softcapping", None):
+            return False
+        try:
+            layer_windows(model)
+        except KvlensError:
+            return False
+        return True
     if not plain_model(model):
         return False
-    if isinstance(cache, DynamicCache):
-        return True
     try:
         eligible(cache)
     except KvlensError:
@@ -69,7 +85,8 @@ def greedy(
         if tok in eos or i == n - 1:
             break
         if decoder is None:
-            layers = decode_layers(cache, n - i)
+            windows = _windows(model) if isinstance(cache, DynamicCache) else None
+            layers = decode_layers(cache, n - i, windows)
             decoder = FastDecoder(model, layers, graph=first_logits.is_cuda)
         logits.append(decoder.step(tok).clone())
     return tokens, logits[: len(tokens)], decoder
@@ -104,8 +121,8 @@ def teacher_forced(model, first_logits: torch.Tensor, cache, tokens: list[int]):
     ``tokens`` when the earlier ones are fed in. ``cache`` is consumed."""
     logits = [first_logits]
     if len(tokens) > 1:
-        steps = FastDecoder(
-            model, decode_layers(cache, len(tokens) - 1), graph=first_logits.is_cuda
-        )
+        windows = _windows(model) if isinstance(cache, DynamicCache) else None
+        layers = decode_layers(cache, len(tokens) - 1, windows)
+        steps = FastDecoder(model, layers, graph=first_logits.is_cuda)
         logits += [steps.step(tok).clone() for tok in tokens[:-1]]
     return logits

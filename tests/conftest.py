@@ -27,3 +27,11 @@ def smol():
 
     model, tokenizer = load_model("smollm2-135m", device="cpu")
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """Gemma 3 270M (sliding-window and full layers), loaded once for the whole run."""
+    from probes import load_model
+
+    return load_model("gemma3-270m", device="cpu")

@@ -131,3 +131,48 @@ def test_graph_decode_keeps_the_quantised_store_in_step(llama):
         torch.testing.assert_close(a._kc[:, : a.n_quant], b._kc[:, : b.n_quant], rtol=0, atol=0)
     assert fast_cache.layers[0].store.n_quant > before  # groups quantised while decoding
     assert decoder.nbytes() == fast_cache.nbytes() == eager_cache.nbytes()
+
+
+def test_graph_decode_of_a_sliding_window_model_equals_the_eager_path():
+    """A small random Gemma 3 (sliding layers of window 64 beside full ones), its full cache
+    past the window: the captured steps (rings of 64 rows on the sliding layers) give what the
+    same steps give eagerly, and transformers' DynamicCache decode up to a near-tie."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from methods.fast_decode import FastDecoder, RingLayer, decode_layers, layer_windows
+    from probes.attention import register_kvlens_attention
+    from probes.compat import cache_arg
+
+    register_kvlens_attention()
+    cfg = Gemma3TextConfig(
+        hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=128, vocab_size=2000, max_position_embeddings=4096,
+        tie_word_embeddings=False, sliding_window=64,  # tied: greedy repeats its input
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+    )  # fmt: skip
+    cfg._attn_implementation = "kvlens"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Gemma3ForCausalLM(cfg).to(torch.float16).eval()
+    ids = torch.randint(0, 2000, (1, 300), generator=torch.Generator().manual_seed(4)).cuda()
+    windows = layer_windows(model)
+    assert windows == [64, 64, 64, None]
+    runs = []
+    with torch.inference_mode():
+        for graph in (True, False):
+            cache = _cache(model, None)
+            first = _prefill(model, ids, cache)
+            layers = decode_layers(cache, NEW + 1, windows)
+            assert [isinstance(x, RingLayer) for x in layers] == [True] * 3 + [False]
+            runs.append(FastDecoder(model, layers, graph=graph).generate(first, NEW).tolist())
+        cache = _cache(model, None)
+        tok = _prefill(model, ids, cache)
+        eager, logits = [], []
+        for _ in range(NEW):
+            out = model(input_ids=tok, **cache_arg(model, cache), use_cache=True)
+            logits.append(out.logits[0, -1].float())
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            eager.append(int(tok))
+    assert runs[0] == runs[1]
+    _same_up_to_a_near_tie(runs[0], eager, logits)
+    assert len(set(runs[0])) > 1

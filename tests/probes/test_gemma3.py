@@ -14,18 +14,13 @@ import torch
 
 from app.jobs import find_retrieval_heads
 from methods.evaluate import compare
-from probes import capture, load_model
+from probes import capture
 from tests.architectures import apply_rope, eager_attentions
 
 PROMPT = (
     "The lighthouse keeper wrote in his log every evening. On Monday the sea was calm and "
     "three fishing boats returned before dark."
 )
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    return load_model("gemma3-270m", device="cpu")
 
 
 @pytest.fixture(scope="module")
