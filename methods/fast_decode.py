@@ -164,15 +164,18 @@ class RingLayer(SparseLayer):
         self.slot = torch.full((1,), n_seen % window, dtype=torch.long, device=keys.device)
 
     @classmethod
-    def from_tokens(cls, keys, values, layer_idx: int, window: int):
-        """The ring after a prefill from every token's keys/values [Hkv, n, D]: the last
-        window - 1 of them (the next token completes the window)."""
-        hkv, n, d = keys.shape
-        held = min(n, window - 1)
+    def from_tokens(cls, keys, values, layer_idx: int, window: int, n_seen: int | None = None):
+        """The ring after a prefill from the keys/values [Hkv, m, D] of the last m of the
+        ``n_seen`` tokens seen (default m: all of them; transformers' own sliding layers keep
+        window - 1): the last window - 1 of them (the next token completes the window)."""
+        hkv, m, d = keys.shape
+        n = m if n_seen is None else n_seen
+        held = min(m, n, window - 1)
+        keys, values = keys[:, m - held :], values[:, m - held :]
         rows = torch.arange(n - held, n, device=keys.device) % window
         k = keys.new_zeros(1, hkv, window, d)
         v = values.new_zeros(1, hkv, window, d)
-        k[0, :, rows], v[0, :, rows] = keys[:, n - held :], values[:, n - held :]
+        k[0, :, rows], v[0, :, rows] = keys, values
         lens = torch.full((1, hkv), held, dtype=torch.int32, device=keys.device)
         return cls(k, v, lens, layer_idx, n, window)
 
@@ -464,7 +467,10 @@ def decode_layers(cache, new: int, windows: list[int | None] | None = None) -> l
     for i, layer in enumerate(cache.layers):  # DynamicCache: keys/values [1, Hkv, T, D]
         t = layer.keys.shape[2]
         if windows is not None and windows[i] is not None:
-            layers.append(RingLayer.from_tokens(layer.keys[0], layer.values[0], i, windows[i]))
+            ring = RingLayer.from_tokens(
+                layer.keys[0], layer.values[0], i, windows[i], layer.get_seq_length()
+            )
+            layers.append(ring)
             continue
         layers.append(
             SparseLayer.from_rows(

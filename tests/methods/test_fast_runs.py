@@ -107,6 +107,20 @@ def test_a_sliding_window_models_full_cache_decodes_from_rings(gemma, monkeypatc
             # equal within 3e-5 here, where a ring one row too long or short is off by 3e-2+
             gap = (out.logits[0, -1].float() - logits[i + 1]).abs().max()
             assert gap < 1e-3, (i, float(gap))
+        # transformers' own sliding layers (a cache built from the config) keep window - 1
+        # tokens: the rings built from them are the same
+        own = DynamicCache(config=model.config)
+        prefill_logits(model, ids, own, tok)
+        assert own.layers[0].keys.shape[2] == window - 1
+        plain = DynamicCache()
+        prefill_logits(model, ids, plain, tok)
+        for a, b in zip(
+            fast_decode.decode_layers(own, 2, windows),
+            fast_decode.decode_layers(plain, 2, windows),
+            strict=True,
+        ):
+            assert a.n_seen == b.n_seen == len(ids) and a.kept() == b.kept()
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
     n = len(ids) + steps  # tokens whose keys are cached
     for i, layer in enumerate(decoder.layers):
         full_keys = reference.layers[i].keys[0]  # [Hkv, n, D]
