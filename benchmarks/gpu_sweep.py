@@ -25,6 +25,7 @@ import argparse
 import time
 
 import torch
+from transformers import DynamicCache
 
 from methods import fast_runs
 from methods.cache import CompressedCache
@@ -85,6 +86,8 @@ def main() -> None:
     print(f"device: {name}, torch {torch.__version__}, {args.model}")
     fast = fast_methods(model, tokenizer, specs)
     print(f"methods ({len(specs)}): {', '.join(specs)}; fast path takes {len(fast)}: {fast}")
+    full_fast = fast_runs.applies(model, DynamicCache())
+    print(f"full cache on the fast path: {'yes' if full_fast else 'no'}")
     warm = [make_task(grid.tasks[0], 256, tokenizer, seed=0)]
     for mode in (False, True):
         run_mode(model, tokenizer, warm, specs, args.new, mode)
