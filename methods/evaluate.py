@@ -227,7 +227,9 @@ def _compare(
         return prefill_logits(model, prompt_ids, cache, tokenizer)
 
     if fast_decode is None:  # on a GPU, decode through captured steps where they apply
-        fast_decode = model.device.type == "cuda"  # each run asks fast_runs.applies
+        # (sliding-window models' full cache, on rings, only when asked for: not yet run
+        # through a captured graph on a GPU)
+        fast_decode = model.device.type == "cuda" and fast_runs.plain_model(model)
 
     results: list[MethodResult] = []
     with torch.inference_mode():
