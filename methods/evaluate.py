@@ -173,7 +173,8 @@ def compare(model, tokenizer, prompt_ids, specs, **kwargs) -> Comparison:
 
     Keyword arguments: ``max_new_tokens`` (default 32), ``answers``, ``score`` (a function
     of the generated text), ``continuation`` (held-out text for perplexity), ``progress``,
-    ``fast_decode`` (decode through ``methods.fast_runs`` where it applies; default: on CUDA).
+    ``fast_decode`` (decode through ``methods.fast_runs`` where it applies; default: on CUDA,
+    for models whose layers all attend over every token).
     Running out of memory ends in one KvlensError line.
     """
     try:
