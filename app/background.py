@@ -31,6 +31,7 @@ from probes.attention import attention_modules
 from probes.errors import KvlensError, one_line
 
 POLL_S = 1.0  # how often the progress fragment redraws
+QUICK_S = 0.5  # how long a page waits for its tables' job before showing its progress
 
 
 class Cancelled(KvlensError):
@@ -228,7 +229,10 @@ def tables(kind: str, computes: dict[str, Callable[[], Any]], text: str) -> dict
                     j.calls += 1
                 return out
 
-            start(kind, work, layer_calls=len(missing))
+            started = start(kind, work, layer_calls=len(missing))
+            # short work (a short trace's tables) is drawn in this run, without waiting a
+            # poll of the progress fragment; long work shows its progress from here on
+            started.thread.join(QUICK_S)
 
         def store(result: dict[str, Any]) -> None:
             for name, value in result.items():

@@ -129,8 +129,10 @@ def test_a_umap_runs_in_the_background_and_cancel_drops_it(trace, tmp_path, monk
     at.session_state["trace"] = trace
     at.session_state["trace_id"] = "t1"
     at.run()
-    _job(at, "cl_tables").thread.join(300)
-    at.run()
+    tables = _job(at, "cl_tables")  # None where the tables were drawn in that run
+    if tables is not None:
+        tables.thread.join(300)
+        at.run()
     charts = len(at.get("plotly_chart"))
     at.button(key="cl_umap_btn").click().run()
     job = _job(at, "umap")
@@ -154,7 +156,10 @@ def test_a_pages_tables_compute_in_a_job_with_progress_cancel_and_compute_again(
     """The Cross-layer page's tables (seconds on a long trace) are a job: progress with one
     step per table, the figures once it ends, nothing of a cancelled run, a button to run it
     again, and the figures from the stored tables on a later visit without a new job."""
+    from app import background
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(background, "QUICK_S", 0.0)  # never drawn in the run that starts it
     at = AppTest.from_string("from pages import cross_layer\ncross_layer.render()\n")
     at.default_timeout = 120
     at.session_state["trace"] = trace
@@ -202,3 +207,18 @@ def test_the_report_builds_in_a_job_names_each_analysis_and_cancel_keeps_no_repo
     assert not at.exception and not at.error
     assert [b.label for b in at.get("download_button")] == ["Download report.html"]
     assert "<h1>kvlens report</h1>" in at.session_state["results"]["items"]["report_html"]
+
+
+def test_tables_that_finish_quickly_draw_in_the_run_that_started_them(trace, tmp_path, monkeypatch):
+    from app import background
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(background, "QUICK_S", 120.0)  # waits for the job, however slow here
+    at = AppTest.from_string("from pages import cross_layer\ncross_layer.render()\n")
+    at.default_timeout = 180
+    at.session_state["trace"] = trace
+    at.session_state["trace_id"] = "t1"
+    at.run()
+    assert not at.exception and not at.error
+    assert _job(at, "cl_tables") is None and not at.get("progress")
+    assert len(at.get("plotly_chart")) == 4  # cosine, adjacent, CKA, latent
