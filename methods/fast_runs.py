@@ -45,6 +45,12 @@ def _windows(model) -> list[int | None] | None:
     return windows if any(w is not None for w in windows) else None
 
 
+def _decode_layers(model, cache, new: int):
+    """``decode_layers`` for ``model``: a full cache's sliding-window layers as rings."""
+    windows = _windows(model) if isinstance(cache, DynamicCache) else None
+    return decode_layers(cache, new, windows)
+
+
 def applies(model, cache) -> bool:
     """Whether ``cache`` (prefilled) can decode on the fast decoder with ``model``."""
     if isinstance(cache, DynamicCache):  # the full cache: sliding-window layers as rings
@@ -85,8 +91,7 @@ def greedy(
         if tok in eos or i == n - 1:
             break
         if decoder is None:
-            windows = _windows(model) if isinstance(cache, DynamicCache) else None
-            layers = decode_layers(cache, n - i, windows)
+            layers = _decode_layers(model, cache, n - i)
             decoder = FastDecoder(model, layers, graph=first_logits.is_cuda)
         logits.append(decoder.step(tok).clone())
     return tokens, logits[: len(tokens)], decoder
@@ -121,8 +126,7 @@ def teacher_forced(model, first_logits: torch.Tensor, cache, tokens: list[int]):
     ``tokens`` when the earlier ones are fed in. ``cache`` is consumed."""
     logits = [first_logits]
     if len(tokens) > 1:
-        windows = _windows(model) if isinstance(cache, DynamicCache) else None
-        layers = decode_layers(cache, len(tokens) - 1, windows)
+        layers = _decode_layers(model, cache, len(tokens) - 1)
         steps = FastDecoder(model, layers, graph=first_logits.is_cuda)
         logits += [steps.step(tok).clone() for tok in tokens[:-1]]
     return logits

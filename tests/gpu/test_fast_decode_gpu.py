@@ -141,7 +141,6 @@ def test_graph_decode_of_a_sliding_window_model_equals_the_eager_path():
 
     from methods.fast_decode import FastDecoder, RingLayer, decode_layers, layer_windows
     from probes.attention import register_kvlens_attention
-    from probes.compat import cache_arg
 
     register_kvlens_attention()
     cfg = Gemma3TextConfig(
@@ -165,14 +164,7 @@ def test_graph_decode_of_a_sliding_window_model_equals_the_eager_path():
             layers = decode_layers(cache, NEW + 1, windows)
             assert [isinstance(x, RingLayer) for x in layers] == [True] * 3 + [False]
             runs.append(FastDecoder(model, layers, graph=graph).generate(first, NEW).tolist())
-        cache = _cache(model, None)
-        tok = _prefill(model, ids, cache)
-        eager, logits = [], []
-        for _ in range(NEW):
-            out = model(input_ids=tok, **cache_arg(model, cache), use_cache=True)
-            logits.append(out.logits[0, -1].float())
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            eager.append(int(tok))
+        eager, logits = _eager(model, ids, None)
     assert runs[0] == runs[1]
     _same_up_to_a_near_tie(runs[0], eager, logits)
     assert len(set(runs[0])) > 1
